@@ -124,16 +124,16 @@ class RangeSet:
         """Merge adjacent ranges of sorted, disjoint input."""
         if starts.size <= 1:
             return cls._canonical(starts, ends)
-        gap = starts[1:] != ends[:-1]
-        if gap.all():
+        touching = np.flatnonzero(starts[1:] == ends[:-1])
+        if not touching.size:
             return cls._canonical(starts, ends)
-        first = np.empty(starts.size, dtype=bool)
-        first[0] = True
-        first[1:] = gap
-        last = np.empty(starts.size, dtype=bool)
-        last[:-1] = gap
-        last[-1] = True
-        return cls._canonical(starts[first], ends[last])
+        keep_start = np.ones(starts.size, dtype=bool)
+        keep_start[touching + 1] = False
+        keep_end = np.ones(starts.size, dtype=bool)
+        keep_end[touching] = False
+        return cls._canonical(
+            starts.take(np.flatnonzero(keep_start)), ends.take(np.flatnonzero(keep_end))
+        )
 
     @classmethod
     def from_pfns(cls, pfns: Any) -> RangeSet:
@@ -158,15 +158,18 @@ class RangeSet:
             same = a[1:] == a[:-1]
             if same.any():
                 raise ValueError(f"PFN {int(a[1:][same][0]):#x} is listed more than once")
-        # Break wherever the next PFN is not this one plus one.
-        step = np.diff(a) != 1
-        first = np.empty(a.size, dtype=bool)
-        first[0] = True
-        first[1:] = step
-        last = np.empty(a.size, dtype=bool)
-        last[:-1] = step
-        last[-1] = True
-        return cls._canonical(a[first].astype(_U64), a[last].astype(_U64) + _U64(1))
+        # Break wherever the next PFN is not this one plus one.  (Index arrays, not
+        # boolean masks: a half-full mask indexes 5x slower.)
+        breaks = np.flatnonzero(np.diff(a) != 1)
+        first = np.empty(breaks.size + 1, dtype=np.intp)
+        first[0] = 0
+        first[1:] = breaks + 1
+        last = np.empty(breaks.size + 1, dtype=np.intp)
+        last[:-1] = breaks
+        last[-1] = a.size - 1
+        ends = a.take(last).astype(_U64)
+        ends += _U64(1)
+        return cls._canonical(a.take(first).astype(_U64), ends)
 
     # -- views ----------------------------------------------------------------------
 
