@@ -17,7 +17,8 @@ Both sides then derive::
     k_g2h  = HMAC-SHA256(secret, "guest-to-host")
     k_h2g  = HMAC-SHA256(secret, "host-to-guest")
 
-From the AUTH frame on (guest) and the WELCOME frame on (host), every frame carries
+After the AUTH frame (which itself carries a CRC) the guest's frames, and from WELCOME
+on (sent once the proof checked out) the host's frames, carry
 ``HMAC-SHA256(k_direction, le64 seq || header || body)`` as its trailer, where ``seq``
 counts the MAC'd frames sent in that direction from 0.  So:
 
@@ -45,8 +46,9 @@ def check_key(key: bytes) -> bytes:
 
 
 def key_from_file_bytes(data: bytes) -> bytes:
-    """A key file's contents as the key: surrounding whitespace is not part of it."""
-    return check_key(data.strip())
+    """A key file's contents are the key, byte for byte (a trailing newline included:
+    both ends read the same file).  Raises ValueError if too short."""
+    return check_key(data)
 
 
 def proof(key: bytes, guest_nonce: bytes, host_nonce: bytes, name: str, hello_body: bytes) -> bytes:

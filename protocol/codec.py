@@ -560,7 +560,9 @@ class FrameReader:
         if self._header is None:
             if self.buffered < HEADER_SIZE:
                 return None
-            header = parse_header(memoryview(self._buf)[self._pos :], self.consumed)
+            header = parse_header(
+                bytes(self._buf[self._pos : self._pos + HEADER_SIZE]), self.consumed
+            )
             if header.length > self.max_body:
                 raise RemoteProtocolError(
                     f"{header.type.name} body of {header.length} bytes exceeds the limit "

@@ -5,9 +5,10 @@ Theory of operation
 A ``GuestConnection`` or ``HostConnection`` holds one session's protocol state and
 nothing else: no sockets, no clocks, no pages.  ``receive_data(bytes)`` buffers what
 arrived (``b""`` means end of stream); ``next_event()`` returns the next event or
-``NEED_DATA``; ``send(event)`` returns the bytes to write.  Any violation raises a
-``ProtocolError`` and moves the connection to ``State.ERROR``, after which only an
-``Error`` event can be sent (our last word).
+``NEED_DATA``; ``send(event)`` returns the bytes to write.  Bytes from the peer that
+break the protocol raise ``RemoteProtocolError`` and move the connection to
+``State.ERROR``, after which only an ``Error`` event can be sent (our last word).  An
+illegal ``send`` raises ``LocalProtocolError`` and changes nothing: nothing went out.
 
 State changes come from the one table in ``state.py``.  On top of it each connection
 enforces the virtio-balloon ordering rules *per transaction*, on both ends:
@@ -93,6 +94,13 @@ class Pending:
     pages: RangeSet
 
 
+def _ranges_pay(pages: RangeSet) -> bool:
+    """Ranges are the smaller encoding (or the only one: PFNs past 2^32)."""
+    if pages and pages.last >= 2**32:
+        return True
+    return pages.num_ranges * RANGE_BYTES < pages.num_pages * PFN_BYTES
+
+
 class Connection:
     """What both ends share: framing, integrity, the state table, pings."""
 
@@ -145,8 +153,7 @@ class Connection:
 
     def send(self, event: Event) -> bytes:
         """The bytes that carry ``event``.  Raises LocalProtocolError if the protocol
-        does not allow sending it now (the connection then moves to ERROR, except for
-        a refused send that changed nothing, see below)."""
+        does not allow sending it now; a refused send changes nothing."""
         kind = codec.MESSAGE_TYPE.get(type(event))
         if kind is None:
             raise LocalProtocolError(f"{event!r} is not a protocol event")
@@ -211,9 +218,11 @@ class Connection:
 
     def _frames(self, event: Event) -> bytes:
         ranges = self.negotiated(Feature.PFN_RANGES)
+        if ranges and isinstance(event, Inflate | Deflate | Resync):
+            ranges = _ranges_pay(event.pages)
         parts: list[Event] = [event]
         if isinstance(event, Resync):
-            parts = self._resync_parts(event, ranges)
+            parts = self._resync_frames(event)
         elif isinstance(event, Inflate | Deflate):
             limit = self.report_limit(event.pages, ranges)
             if limit is not None:
@@ -237,7 +246,7 @@ class Connection:
     def report_limit(self, pages: RangeSet, ranges: bool | None = None) -> str | None:
         """Why ``pages`` cannot go in one INFLATE/DEFLATE frame, or None if it can."""
         if ranges is None:
-            ranges = self.negotiated(Feature.PFN_RANGES)
+            ranges = self.negotiated(Feature.PFN_RANGES) and _ranges_pay(pages)
         size = pages.num_ranges * RANGE_BYTES if ranges else pages.num_pages * PFN_BYTES
         if size > self.max_body:
             unit = f"{self.max_body // RANGE_BYTES} ranges" if ranges else (
@@ -248,11 +257,11 @@ class Connection:
 
     def split_report(self, pages: RangeSet) -> list[RangeSet]:
         """Cut ``pages`` into pieces that each fit one INFLATE/DEFLATE frame."""
-        if self.negotiated(Feature.PFN_RANGES):
+        if self.negotiated(Feature.PFN_RANGES) and _ranges_pay(pages):
             return pages.split_ranges(self.max_body // RANGE_BYTES)
         return pages.split_pages(self.max_body // PFN_BYTES)
 
-    def _resync_parts(self, event: Resync, ranges: bool) -> list[Event]:
+    def _resync_frames(self, event: Resync) -> list[Event]:
         pieces = self.split_report(event.pages) or [RangeSet.empty()]
         return [
             Resync(event.txid, piece, more=i < len(pieces) - 1) for i, piece in enumerate(pieces)
@@ -295,6 +304,8 @@ class Connection:
             )
         event = codec.decode_body(header, frame.body, frame.offset)
         state = self._state_before_goodbye if self._we_said_goodbye else self.state
+        if self._we_said_goodbye and state is State.ERROR:
+            return None  # our last word was an ERROR: whatever follows is moot
         new_state = TRANSITIONS.get((state, self.role.peer, header.type))
         if new_state is None:
             raise RemoteProtocolError(
@@ -407,9 +418,11 @@ class GuestConnection(Connection):
 
     role = Role.GUEST
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, *, require_auth: bool | None = None) -> None:
         super().__init__()
         self._key = auth.check_key(key) if key is not None else None
+        self.require_auth = self._key is not None if require_auth is None else require_auth
+        """With a key, a host that does not authenticate is refused (no downgrade)."""
         self.ballooned = RangeSet.empty()
         """Pages the host has acknowledged (this session's view)."""
         self._next_txid = 1
@@ -563,6 +576,12 @@ class GuestConnection(Connection):
 
     def _check_welcome(self, welcome: Welcome) -> None:
         assert self.hello is not None
+        if self.require_auth and self._send_key is None:
+            raise RemoteProtocolError(
+                "the host welcomed this guest without authenticating it; a guest with a key "
+                "only talks to a host that proves it holds the same key",
+                ErrorCode.AUTH_REQUIRED,
+            )
         if welcome.version not in self.hello.versions:
             raise RemoteProtocolError(
                 f"WELCOME chose version {welcome.version}, which this guest did not offer",
@@ -605,9 +624,8 @@ class HostConnection(Connection):
 
     role = Role.HOST
 
-    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.offered_max_body = max_body
         self._key: bytes | None = None
         self._host_nonce = b""
         self._expected_txid = 1
@@ -662,12 +680,6 @@ class HostConnection(Connection):
                     "accept AUTH exactly when the guest authenticated", ErrorCode.BAD_FEATURES
                 )
             self._check_target(event.config)
-            if self.state is State.AUTHENTICATED:
-                # WELCOME is the first frame the host MACs.
-                assert self._key is not None
-                _, self._send_key = auth.session_keys(
-                    self._key, self.hello.nonce, self._host_nonce, self._hello_body
-                )
         elif isinstance(event, Config):
             self._check_target(event)
         elif isinstance(event, Ack | Nak):
@@ -747,8 +759,10 @@ class HostConnection(Connection):
                 "or relayed answer)",
                 ErrorCode.AUTH_FAILED,
             )
-        g2h, _ = auth.session_keys(self._key, self.hello.nonce, self._host_nonce, self._hello_body)
-        self._recv_key = g2h
+        # From a good proof on, everything either way carries a MAC (WELCOME first).
+        self._recv_key, self._send_key = auth.session_keys(
+            self._key, self.hello.nonce, self._host_nonce, self._hello_body
+        )
 
     def _on_request(self, event: Inflate | Deflate | Resync) -> Event | None:
         assert self.welcome is not None

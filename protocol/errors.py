@@ -27,7 +27,7 @@ class ErrorCode(enum.IntEnum):
 
     MALFORMED = 1  # a frame or body that does not parse
     UNSUPPORTED_VERSION = 2  # no protocol version in common / unknown header version
-    INTEGRITY = 3  # CRC-32 or MAC mismatch
+    INTEGRITY = 3  # CRC-32 mismatch (a MAC mismatch is AUTH_FAILED)
     TOO_LARGE = 4  # body length above the negotiated maximum
     UNEXPECTED = 5  # a message not allowed in the current state
     AUTH_REQUIRED = 6  # the host requires authentication and the guest did not offer it

@@ -161,6 +161,9 @@ class RangeSet:
         # Break wherever the next PFN is not this one plus one.  (Index arrays, not
         # boolean masks: a half-full mask indexes 5x slower.)
         breaks = np.flatnonzero(np.diff(a) != 1)
+        if breaks.size == a.size - 1:  # no two pages adjacent: every PFN is a range
+            starts = a.astype(_U64)
+            return cls._canonical(starts, starts + _U64(1))
         first = np.empty(breaks.size + 1, dtype=np.intp)
         first[0] = 0
         first[1:] = breaks + 1
@@ -231,6 +234,8 @@ class RangeSet:
             return np.zeros(0, dtype=dtype)
         if int(self._ends[-1]) - 1 > np.iinfo(dtype).max:
             raise ValueError(f"PFN {int(self._ends[-1]) - 1:#x} does not fit in {dtype}")
+        if self.num_ranges == self.num_pages:  # isolated pages
+            return self._starts.astype(dtype)
         counts = self._ends - self._starts
         # start_i minus the pages before range i is never negative for disjoint ranges.
         before = np.cumsum(counts, dtype=_U64) - counts

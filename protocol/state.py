@@ -5,8 +5,8 @@ Every state change of a Connection comes from ``TRANSITIONS``, keyed by
 guest's Connection looks up its own sends under ``Role.GUEST`` and what it receives
 under ``Role.HOST``, and the host's the other way round.  A (state, sender, message)
 triple not in the table is a protocol error: ``LocalProtocolError`` if we were asked
-to send it, ``RemoteProtocolError`` if we received it, and the Connection moves to
-``ERROR``.  From ``ERROR`` the only thing left to do is send an ERROR frame (our last
+to send it (nothing changes), ``RemoteProtocolError`` if we received it (the
+Connection moves to ``ERROR``).  From ``ERROR`` the only thing left to do is send an ERROR frame (our last
 word); from ``CLOSED`` nothing.
 
 ::

@@ -106,7 +106,7 @@ class PfnRangesAdapter(Adapter):  # type: ignore[misc]
                 f"ranges must be sorted and must not overlap (range {index} at "
                 f"{int(starts[index]):#x} begins before the previous one ends)"
             )
-        return RangeSet.from_ranges(starts, counts, assume_sorted_disjoint=True)
+        return RangeSet._merge_sorted(starts, ends)
 
     def _encode(self, obj: RangeSet, context: Any, path: str) -> bytes:
         starts, counts = obj.starts, obj.counts
@@ -135,11 +135,9 @@ class MemLayoutAdapter(Adapter):  # type: ignore[misc]
     """HELLO's RAM layout: a list of MemRange <-> RangeSet."""
 
     def _decode(self, obj: Any, context: Any, path: str) -> RangeSet:
-        pairs = [(item.start, item.count) for item in obj]
-        for start, count in pairs:
-            if start + count > 2**64:
-                raise ValueError("a RAM range runs past the end of the 64-bit PFN space")
-        return RangeSet(pairs)
+        starts = np.array([item.start for item in obj], dtype=np.uint64)
+        counts = np.array([item.count for item in obj], dtype=np.uint64)
+        return RangeSet.from_ranges(starts, counts)
 
     def _encode(self, obj: RangeSet, context: Any, path: str) -> list[dict[str, int]]:
         return [{"start": s, "count": c} for s, c in obj.ranges()]

@@ -9,6 +9,7 @@ settings.register_profile(
     "ci",
     deadline=None,
     derandomize=True,
+    database=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

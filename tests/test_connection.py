@@ -257,7 +257,7 @@ def test_target_larger_than_the_guest_is_refused_on_both_ends():
 def test_max_body_switches_after_welcome():
     guest, host = start(max_body=4 << 20)
     assert guest.max_body == host.max_body == 4 << 20
-    big = RangeSet.from_pfns(np.arange(0, 2_000_000, 2, dtype=np.uint64))
+    big = RangeSet.from_pfns(np.arange(0, 4_000_000, 2, dtype=np.uint64))
     assert guest.report_limit(big) is not None
     pieces = guest.split_report(big)
     assert all(guest.report_limit(p) is None for p in pieces)
@@ -359,7 +359,7 @@ def test_resync_needs_an_empty_pipeline_and_blocks_others():
 
 def test_a_large_resync_is_split_and_joined():
     guest, host = start(max_body=4 << 20)
-    pages = RangeSet.from_pfns(np.arange(0, 1_000_000, 2, dtype=np.uint64))
+    pages = RangeSet.from_pfns(np.arange(0, 4_000_000, 2, dtype=np.uint64))
     data = guest.send(Resync(1, pages))
     assert data.count(b"UBLN") >= 2
     events = deliver(data, host)
