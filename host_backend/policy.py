@@ -211,10 +211,11 @@ def compute_targets(
         if a.name == b.name:
             raise PolicyError(f"guest {a.name!r} is listed twice")
     pressure = {g.name: pressure_reason(g, p) for g in ordered}
-    goal, why, auto = _goals(ordered, capacity_pages, pressure, p)
+    goal, why, auto_floor = _goals(ordered, capacity_pages, pressure, p)
 
     # From goals to this round's targets: bounded steps, growth only from free capacity.
     committed = sum(_cost(g) for g in ordered)
+    over = committed > capacity_pages
     budget = capacity_pages - committed
     target = {g.name: g.keep_pages for g in ordered}
     growth: list[tuple[int, GuestState, int, int]] = []  # priority, guest, wanted, reserved
@@ -231,22 +232,23 @@ def compute_targets(
             continue
         new = keep + max(-p.step_pages, min(p.step_pages, goal[g.name] - keep))
         small = abs(new - keep) < p.threshold_pages and new not in exact
-        if new < keep and small and committed > capacity_pages and g.name in auto:
+        if new < keep and small and over and g.name in auto_floor:
             new, small = max(g.min_pages, keep - p.threshold_pages), False  # close any deficit
         if small:
-            why[g.name] = "steady" if g.name in auto and not pressure[g.name] else why[g.name]
+            quiet = g.name in auto_floor and not pressure[g.name]
+            why[g.name] = "steady" if quiet else why[g.name]
         elif new < keep or not g.reclaims:
             target[g.name] = new
         else:
             priority = 1 if g.manual_keep_pages is not None else 0 if pressure[g.name] else 2
             # growth granted before and not taken yet is already in ``committed``
-            granted = max(0, (g.target_keep_pages or 0) - keep) if committed <= capacity_pages else 0
+            granted = 0 if over else max(0, (g.target_keep_pages or 0) - keep)
             growth.append((priority, g, new - keep, min(new - keep, granted)))
 
-    # A pressured guest gives memory only once every idle guest is at its floor.
-    if any(target[name] > floor for name, floor in auto.items() if not pressure[name]):
+    # A pressured guest gives memory only in a round that takes every idle guest to its floor.
+    if any(target[name] > floor for name, floor in auto_floor.items() if not pressure[name]):
         for g in ordered:
-            if g.name in auto and pressure[g.name]:
+            if g.name in auto_floor and pressure[g.name]:
                 target[g.name] = max(target[g.name], g.keep_pages)
 
     for priority in (0, 1, 2):

@@ -117,9 +117,11 @@ def immovable(guests):
 def comply(guests, targets):
     """Every connected guest reaches its target; statistics stay as they were."""
     return [
-        dataclasses.replace(g, keep_pages=targets[g.name].keep_pages,
-                            target_keep_pages=targets[g.name].keep_pages)
-        if g.connected else g
+        dataclasses.replace(
+            g, keep_pages=targets[g.name].keep_pages, target_keep_pages=targets[g.name].keep_pages
+        )
+        if g.connected
+        else g
         for g in guests
     ]
 
@@ -163,8 +165,10 @@ def test_changes_below_threshold_are_not_made(world):
         exact = {g.min_pages, g.ram_pages}  # bounds and an operator's figure are hit exactly
         if g.manual_keep_pages is not None:
             exact.add(manual_goal(g))
-        assert new == g.keep_pages or abs(new - g.keep_pages) >= params.threshold_pages or (
-            new in exact
+        assert (
+            new == g.keep_pages
+            or abs(new - g.keep_pages) >= params.threshold_pages
+            or (new in exact)
         )
 
 
@@ -186,8 +190,11 @@ def test_pressured_guest_is_not_inflated_while_an_idle_guest_has_memory(world):
     targets = compute_targets(guests, capacity, params)
     pressured = [g for g in guests if automatic(g) and pressure_reason(g, params)]
     idle_with_spare = [
-        g for g in guests
-        if automatic(g) and g.reclaims and not pressure_reason(g, params)
+        g
+        for g in guests
+        if automatic(g)
+        and g.reclaims
+        and not pressure_reason(g, params)
         and targets[g.name].keep_pages > g.min_pages
     ]
     for g in pressured:
@@ -230,11 +237,13 @@ def test_growth_is_paid_from_free_capacity_only(world):
     more (then only shrinks and floors are sent)."""
     guests, capacity, params = world
     targets = compute_targets(guests, capacity, params)
+
     def held(g, keep):
         if not g.reclaims:
             return g.ram_pages
         granted = g.target_keep_pages if g.connected and g.target_keep_pages is not None else 0
         return max(keep, granted)
+
     now = sum(held(g, g.keep_pages) for g in guests)
     promised = sum(held(g, max(g.keep_pages, targets[g.name].keep_pages)) for g in guests)
     floors_restored = sum(
@@ -247,8 +256,15 @@ def test_growth_is_paid_from_free_capacity_only(world):
 
 
 def guest(name, **kw):
-    base = dict(name=name, ram_pages=4 * GiB, min_pages=GiB // 2, shares=1000,
-                keep_pages=2 * GiB, used_pages=GiB, available_pages=GiB)
+    base = dict(
+        name=name,
+        ram_pages=4 * GiB,
+        min_pages=GiB // 2,
+        shares=1000,
+        keep_pages=2 * GiB,
+        used_pages=GiB,
+        available_pages=GiB,
+    )
     return GuestState(**(base | kw))
 
 
@@ -258,8 +274,12 @@ def observe(g, workload_pages):
     used = min(workload_pages, int(g.keep_pages * 0.95))
     short = workload_pages > used
     return dataclasses.replace(
-        g, used_pages=used, available_pages=g.keep_pages - used, total_pages=g.keep_pages,
-        psi_some_avg10=40.0 if short else 0.0, swapping=short,
+        g,
+        used_pages=used,
+        available_pages=g.keep_pages - used,
+        total_pages=g.keep_pages,
+        psi_some_avg10=40.0 if short else 0.0,
+        swapping=short,
     )
 
 
@@ -293,13 +313,16 @@ def test_memory_moves_to_the_guest_that_starts_a_workload():
         for name in ("idle1", "idle2"):
             idle = by_name[name]
             working_set = idle.used_pages + max(
-                math.ceil(params.headroom * idle.used_pages), params.min_headroom_pages)
+                math.ceil(params.headroom * idle.used_pages), params.min_headroom_pages
+            )
             assert idle.keep_pages >= max(idle.min_pages, working_set), (r, name)
         busy = by_name["busy"]
         if served_at is None and busy.keep_pages >= need and not pressure_reason(busy, params):
             served_at = r
-    print(f"\nbusy guest served after {served_at} rounds (bound {bound}); "
-          f"final keeps {[(g.name, round(g.keep_pages / GiB, 2)) for g in guests]}")
+    print(
+        f"\nbusy guest served after {served_at} rounds (bound {bound}); "
+        f"final keeps {[(g.name, round(g.keep_pages / GiB, 2)) for g in guests]}"
+    )
     assert served_at is not None and served_at <= bound
     # and then it holds still: no guest keeps being pushed back and forth
     assert all(t.keep_pages == by_name[name].keep_pages for name, t in targets.items())
@@ -309,8 +332,13 @@ def test_memory_moves_to_the_guest_that_starts_a_workload():
 
 def test_pressured_guest_is_served_first_and_idle_memory_is_taxed():
     params = PolicyParams()
-    hot = guest("hot", keep_pages=GiB, used_pages=GiB - 10 * MiB, available_pages=10 * MiB,
-                psi_some_avg10=60.0)
+    hot = guest(
+        "hot",
+        keep_pages=GiB,
+        used_pages=GiB - 10 * MiB,
+        available_pages=10 * MiB,
+        psi_some_avg10=60.0,
+    )
     small = guest("small", keep_pages=3 * GiB, used_pages=GiB // 4, available_pages=2 * GiB)
     large = guest("large", keep_pages=3 * GiB, used_pages=2 * GiB, available_pages=GiB)
     targets = compute_targets([hot, small, large], 7 * GiB, params)
@@ -318,8 +346,10 @@ def test_pressured_guest_is_served_first_and_idle_memory_is_taxed():
     assert targets["hot"].goal_pages == GiB + params.step_pages
     # The spare left after working sets goes mostly to the guest whose working set is small
     # for its shares (ESX: a page beyond the working set costs 1 / (1 - tax)).
-    spare = {g.name: targets[g.name].goal_pages - (g.used_pages + math.ceil(0.25 * g.used_pages))
-             for g in (small, large)}
+    spare = {
+        g.name: targets[g.name].goal_pages - (g.used_pages + math.ceil(0.25 * g.used_pages))
+        for g in (small, large)
+    }
     assert spare["small"] > spare["large"] >= 0
     # Capacity is all held, so the hot guest waits a round while the others give memory.
     assert targets["small"].keep_pages == small.keep_pages - params.step_pages
@@ -375,8 +405,9 @@ def test_accounting_only_guest_counts_its_ram_and_makes_no_room():
     params = PolicyParams()
     box = guest("box", reclaims=False, keep_pages=4 * GiB, used_pages=GiB)
     working_set = GiB + GiB // 4  # used + 25% headroom
-    vm = guest("vm", keep_pages=GiB, used_pages=GiB - 10 * MiB, available_pages=10 * MiB,
-               swapping=True)
+    vm = guest(
+        "vm", keep_pages=GiB, used_pages=GiB - 10 * MiB, available_pages=10 * MiB, swapping=True
+    )
     targets = compute_targets([box, vm], 5 * GiB, params)
     # The container is shrunk toward its working set (the idle tax) ...
     assert targets["box"].keep_pages == 4 * GiB - params.step_pages
