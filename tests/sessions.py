@@ -29,13 +29,16 @@ def deliver(data, to):
     return events
 
 
-def start(*, key=KEY, host_key=KEY, features=ALL_FEATURES, window=4, max_body=16 << 20):
+def start(
+    *, key=KEY, host_key=KEY, features=ALL_FEATURES, window=4, max_body=16 << 20,
+    total_pages=TOTAL_PAGES,
+):
     """A guest and a host connection through HELLO (and authentication) to ACTIVE."""
     guest = GuestConnection(key)
     host = HostConnection()
     hello = guest.make_hello(
-        name="vm1", features=features, total_pages=TOTAL_PAGES,
-        ram_layout=RangeSet.span(0, TOTAL_PAGES),
+        name="vm1", features=features, total_pages=total_pages,
+        ram_layout=RangeSet.span(0, total_pages),
     )
     [got] = deliver(guest.send(hello), host)
     assert got == hello

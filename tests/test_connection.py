@@ -358,7 +358,7 @@ def test_resync_needs_an_empty_pipeline_and_blocks_others():
 
 
 def test_a_large_resync_is_split_and_joined():
-    guest, host = start(max_body=4 << 20)
+    guest, host = start(max_body=4 << 20, total_pages=4 << 20)
     pages = RangeSet.from_pfns(np.arange(0, 4_000_000, 2, dtype=np.uint64))
     data = guest.send(Resync(1, pages))
     assert data.count(b"UBLN") >= 2

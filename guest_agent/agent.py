@@ -1,0 +1,982 @@
+"""The agent core: which chunks the balloon holds, what the host knows of each, and what
+to do next.  Plain code: no event loop, no sockets, no clock, no page touching.
+
+Theory of operation
+-------------------
+The core owns one ``Slot`` per chunk of the pool and one ``GuestConnection`` per
+session with the host.  The service feeds it bytes (``receive_data``), time
+(``now`` arguments), memory snapshots (``observe``) and the results of the
+worker's pool calls (``pinned``, ``released``, ``verified``); it returns bytes to
+send (``data_to_send``) and the next pool call to make (``next_command``: ``Pin``,
+``Release`` or ``Verify``).  Tests drive it the same way with a pool of real pages
+and a ``HostConnection`` in memory.
+
+A chunk's life (DESIGN.md) -- the state is the core's view; ``safe`` says whether
+its pages may go back to the guest without hearing from the host again (no report
+of it is unanswered)::
+
+    PINNED ──INFLATE──▶ PENDING ──ACK──▶ BALLOONED ──DEFLATE──▶ DEFLATING ──ACK──▶ released
+      safe               unsafe   │        safe                   safe      (with MUST_TELL_HOST
+                                  └─NAK──▶ released (the host changed nothing)   only after ACK)
+
+    session lost:   PENDING, RESYNCING ─▶ UNCONFIRMED (unsafe)    DEFLATING ─▶ LEAVING (safe)
+    agent restart:  every chunk file    ─▶ UNCONFIRMED (unsafe)
+    every session:  RESYNC first: the oldest chunks up to the target ─▶ RESYNCING ─ACK─▶ BALLOONED;
+                    the rest ─▶ LEAVING, released once that RESYNC is acknowledged.
+
+Invariants:
+
+* A page goes back to the guest only when ``GuestConnection.may_reuse`` says so in
+  a session whose RESYNC was acknowledged, or -- with no session -- when its slot
+  is ``safe``.  (A new session's connection knows nothing yet, so ``may_reuse``
+  alone would say yes to pages a dead session may still be punching.)
+* Only BALLOONED chunks are deflated; deflation is newest first (LIFO).
+* Pages count as ballooned only once acknowledged; ``actual`` (ACTUAL) follows
+  every change of the acknowledged balloon.
+* Nothing but the RESYNC is sent until it is acknowledged, in every session, and
+  again whenever the frames of a reported chunk are found to have moved.
+* Nothing is pinned while no session is active, and at most ``window`` chunks are
+  pinned-or-unanswered at a time (chunk N+1 is pinned while N's report is in flight).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from guest_agent.guard import Guard, GuardConfig
+from guest_agent.pool import HUGE_PAGE, Chunk, union_frames
+from guest_agent.stats import BalloonFigures, MemorySnapshot, stats_entries
+from protocol.connection import GuestConnection
+from protocol.constants import BalloonState, ByeReason, Feature
+from protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    NativeError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from protocol.events import (
+    NEED_DATA,
+    Ack,
+    Actual,
+    Bye,
+    Challenge,
+    Config,
+    ConnectionClosed,
+    Deflate,
+    Error,
+    Inflate,
+    Nak,
+    Ping,
+    Pong,
+    Resync,
+    Stats,
+    StatsRequest,
+    Welcome,
+)
+from protocol.ranges import RangeSet
+from protocol.state import State
+from protocol.units import PAGE_SIZE, format_size
+
+__all__ = [
+    "OFFERED_FEATURES",
+    "MAX_CHUNK_BYTES",
+    "AgentConfig",
+    "ChunkState",
+    "Slot",
+    "Pin",
+    "Release",
+    "Verify",
+    "Command",
+    "AgentCore",
+]
+
+log = logging.getLogger("uballoon.agent")
+
+OFFERED_FEATURES = int(
+    Feature.MUST_TELL_HOST
+    | Feature.STATS_VQ
+    | Feature.DEFLATE_ON_OOM
+    | Feature.PFN_RANGES
+    | Feature.STATS_PUSH
+    | Feature.STATS_PRESSURE
+    | Feature.STABLE_PFNS
+)
+"""Everything the agent can offer; the service removes what this guest cannot do."""
+
+MAX_CHUNK_BYTES = 1 << 30
+"""A chunk's report always fits one frame: 1 GiB is 262,144 pages, under both the
+4 MiB minimum body's 1 Mi u32 PFNs and its 349,525 ranges; also io_uring's buffer size."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    """The guest's name in HELLO."""
+    total_pages: int
+    """The guest's memory in 4 KiB pages (MemTotal, or the container's limit)."""
+    guard: GuardConfig
+    chunk_bytes: int = 64 << 20
+    """Largest chunk (a multiple of 2 MiB, at most 1 GiB)."""
+    features: int = OFFERED_FEATURES
+    """Features to offer (AUTH is added when ``key`` is given)."""
+    key: bytes | None = None
+    ram_layout: RangeSet = field(default_factory=RangeSet.empty)
+    backoff_s: tuple[float, float] = (1.0, 60.0)
+    """After a refused or failed inflate: first and longest pause before trying again."""
+    progress_interval_s: float = 2.0
+    """Least time between two progress lines in the log."""
+
+
+class ChunkState(enum.Enum):
+    PINNED = "pinned"  # pinned, frames read, never reported
+    PENDING = "pending"  # INFLATE sent, not answered
+    BALLOONED = "ballooned"  # the host acknowledged it
+    DEFLATING = "deflating"  # DEFLATE sent, not answered
+    RESYNCING = "resyncing"  # listed in an unanswered RESYNC
+    UNCONFIRMED = "unconfirmed"  # reported in an earlier session or by an earlier agent
+    LEAVING = "leaving"  # out of the balloon once the host confirms nothing is pending
+    RELEASING = "releasing"  # handed to the worker to release
+
+
+_COMMITTED = (ChunkState.PINNED, ChunkState.PENDING, ChunkState.BALLOONED)
+
+
+@dataclass(eq=False)
+class Slot:
+    """The core's record of one chunk."""
+
+    chunk: Chunk
+    state: ChunkState
+    safe: bool
+    """No report of it is unanswered: its pages may return to the guest without the host."""
+    unsent: list[RangeSet] = field(default_factory=list)
+    """Report pieces not yet sent (a report too big for one frame is split)."""
+    unanswered: int = 0
+    refused: bool = False
+    for_pressure: bool = False
+    freed_pages: int = 0
+
+    @property
+    def pages(self) -> int:
+        return self.chunk.pages
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Worker: pin a new chunk of ``size_bytes`` (``PagePool.pin``)."""
+
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Release:
+    """Worker: release ``chunk`` (``PagePool.release``)."""
+
+    chunk: Chunk
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Worker: re-read the frames of ``chunks`` (``PagePool.check``)."""
+
+    chunks: tuple[Chunk, ...]
+
+
+Command = Pin | Release | Verify
+
+_TOO_LARGE_RE = re.compile(r"target of (\d+) pages is larger than this guest's (\d+) pages")
+
+
+def _size(pages: int) -> str:
+    return format_size(pages * PAGE_SIZE)
+
+
+class AgentCore:
+    """The balloon's state machine; see the module docstring.
+
+    ``snapshot`` reads memory now (for STATS answers); ``stable`` says whether chunks
+    are long-term pinned (STABLE_PFNS is offered only then).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        snapshot: Callable[[], MemorySnapshot],
+        chunks: Iterable[Chunk] = (),
+        stable: bool = True,
+        pressure_stats: bool = True,
+    ) -> None:
+        if config.chunk_bytes % HUGE_PAGE or not HUGE_PAGE <= config.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError("chunk_bytes must be a multiple of 2 MiB between 2M and 1G")
+        self.config = config
+        self.guard = Guard(config.guard)
+        self._snapshot = snapshot
+        self.stable = stable
+        self.features = int(config.features)
+        if not stable:
+            self.features &= ~Feature.STABLE_PFNS
+        if not pressure_stats:
+            self.features &= ~Feature.STATS_PRESSURE
+        if not config.guard.deflate_on_pressure:
+            self.features &= ~Feature.DEFLATE_ON_OOM
+        self.slots: list[Slot] = [
+            Slot(c, ChunkState.UNCONFIRMED, safe=False) for c in sorted(chunks, key=lambda c: c.seq)
+        ]
+        self.conn: GuestConnection | None = None
+        self.target_pages: int | None = None
+        """The host's last target (None until a host said one)."""
+        self._out: list[bytes] = []
+        self._txids: dict[int, tuple[Slot | None, str]] = {}
+        self._outgoing: deque[Slot] = deque()
+        self._to_release: deque[Slot] = deque()
+        self._pinning: int = 0  # bytes of the pin the worker is making, 0 if none
+        self._verify_requested = False
+        self._synced = False  # this session's RESYNC was acknowledged
+        self._resync_needed = False
+        self._resync_in_flight = False
+        self._resync_empty = False
+        self._backoff_until = 0.0
+        self._failures = 0
+        self._last_actual: int | None = None
+        self._frames_moved = False
+        self._last_pushed_state: BalloonState | None = None
+        self._deflate_on_oom_allowed = bool(self.features & Feature.DEFLATE_ON_OOM)
+        self._last_progress = float("-inf")
+        self._announced_target: int | None = None
+        self.stopping = False
+        self.session_welcomed = False
+        """The current (or last) session got as far as WELCOME."""
+        self.session_error: str | None = None
+        """Why the last session ended, in words (None while it runs)."""
+
+    # ================================================================ session
+
+    @property
+    def session_open(self) -> bool:
+        """A session exists and neither side has closed it."""
+        return self.conn is not None and self.conn.state not in (State.CLOSED, State.ERROR)
+
+    @property
+    def active(self) -> bool:
+        return self.conn is not None and self.conn.state is State.ACTIVE
+
+    @property
+    def window(self) -> int:
+        return self.conn.window if self.conn is not None else 1
+
+    def connect(self, now: float) -> None:
+        """Start a session: queue HELLO.  (Any earlier session must have ended.)"""
+        assert self.conn is None, "the previous session was not ended"
+        self._out.clear()  # never a byte of an old session into a new one
+        self.conn = GuestConnection(self.config.key)
+        self.session_error = None
+        self.session_welcomed = False
+        self._synced = self._resync_in_flight = self._resync_empty = False
+        self._resync_needed = True
+        self._txids.clear()
+        self._outgoing.clear()
+        hello = self.conn.make_hello(
+            name=self.config.name,
+            features=self.features,
+            total_pages=self.config.total_pages,
+            ram_layout=self.config.ram_layout,
+        )
+        self._send(hello)
+
+    def data_to_send(self) -> bytes:
+        """Bytes queued for the host (and forget them)."""
+        out, self._out = b"".join(self._out), []
+        return out
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes from the host (``b""``: it closed the stream).  Handles every complete
+        event; a protocol violation ends the session with an ERROR to the host and a
+        clear message in ``session_error`` (never raises for what the host sent)."""
+        conn = self.conn
+        if conn is None or not self.session_open:
+            return
+        try:
+            conn.receive_data(data)
+            while self.conn is conn:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                self._handle(event, now)
+        except RemoteProtocolError as exc:
+            self._protocol_failure(exc, now)
+        self._after_change(now)
+
+    def connection_lost(self, why: str, now: float) -> None:
+        """The transport broke or the service gave up on the session."""
+        if self.conn is not None:
+            self._end_session(why, now)
+            self._after_change(now)
+
+    def close_session(self, why: str, now: float, code: ErrorCode = ErrorCode.TIMEOUT) -> None:
+        """End the session on our side (e.g. the host went silent): ERROR, then closed."""
+        conn = self.conn
+        if conn is None:
+            return
+        if self.session_open:
+            try:
+                self._send(Error(code, why[:1000]))
+            except LocalProtocolError:
+                pass
+        self._end_session(why, now)
+        self._after_change(now)
+
+    # ================================================================ worker
+
+    def next_command(self, now: float) -> Command | None:
+        """The next pool call for the worker, or None if there is nothing to do now."""
+        while self._to_release:
+            slot = self._to_release.popleft()
+            if slot in self.slots:
+                return Release(slot.chunk)
+        if self._verify_requested and not self._pinning:
+            self._verify_requested = False
+            chunks = tuple(s.chunk for s in self.slots if s.state is not ChunkState.RELEASING)
+            if chunks:
+                return Verify(chunks)
+        size = self._next_pin_size(now)
+        self._after_change(now)  # a refusal by the floor is news for the host
+        if size:
+            self._pinning = size
+            return Pin(size)
+        return None
+
+    def pinned(self, chunk: Chunk, now: float) -> None:
+        """The worker pinned a chunk the core asked for."""
+        self._pinning = 0
+        self._failures = 0
+        self.guard.note_pinned(chunk.size_bytes)
+        self.slots.append(Slot(chunk, ChunkState.PINNED, safe=True))
+        self._pump(now)
+        self._after_change(now)
+
+    def pin_failed(self, size_bytes: int, error: Exception, now: float) -> None:
+        """The worker could not pin a chunk (NativeError, or a holder failure)."""
+        self._pinning = 0
+        delay = self._back_off(now)
+        log.warning(
+            "could not pin a chunk of %s: %s; trying again in %.0fs", format_size(size_bytes),
+            error, delay,
+        )
+        self._after_change(now)
+
+    def released(self, chunk: Chunk, now: float) -> None:
+        """The worker released a chunk: its pages are the guest's again."""
+        self.slots = [s for s in self.slots if s.chunk is not chunk]
+        self.guard.note_released(chunk.size_bytes)
+        self._progress(now)
+        self._pump(now)
+        self._after_change(now)
+
+    def release_failed(self, chunk: Chunk, error: Exception, now: float) -> None:
+        log.error("releasing chunk %d (%s) failed: %s", chunk.seq,
+                  format_size(chunk.size_bytes), error)
+        self.released(chunk, now)
+
+    def request_verify(self) -> None:
+        """Timer: re-read every chunk's frames soon (``--verify-interval``)."""
+        self._verify_requested = True
+
+    def verified(self, changes: Iterable[tuple[Chunk, RangeSet]], now: float) -> None:
+        """The worker's ``PagePool.check`` found these chunks' frames changed."""
+        moved_reported = False
+        for chunk, frames in changes:
+            slot = self._slot_of(chunk)
+            if slot is None:
+                continue
+            differ = (chunk.frames - frames).num_pages
+            chunk.frames = frames
+            if slot.state is ChunkState.PINNED:
+                log.info("chunk %d moved before it was reported; reporting its new frames",
+                         chunk.seq)
+                continue
+            moved_reported = True
+            log.warning(
+                "FRAMES MOVED: chunk %d (%s): %d of %d frames are no longer the ones the host "
+                "was told (state %s) -- the kernel migrated them%s; telling the host the "
+                "balloon's real frames now (RESYNC)",
+                chunk.seq, format_size(chunk.size_bytes), differ, chunk.pages, slot.state.value,
+                "" if self.stable else " (no long-term pin here)",
+            )
+        if moved_reported:
+            self._frames_moved = True
+            self._resync_needed = True
+            self._pump(now)
+        self._after_change(now)
+
+    # ================================================================ memory
+
+    def observe(self, snapshot: MemorySnapshot, now: float) -> None:
+        """A memory snapshot (polled every ``--guard-interval``)."""
+        self.guard.observe(snapshot, now)
+        self._apply_guard(now)
+        self._after_change(now)
+
+    def pressure_event(self, now: float) -> None:
+        """The PSI trigger fired."""
+        self.guard.pressure_event(now)
+        self._apply_guard(now)
+        self._after_change(now)
+
+    def push_stats(self, now: float) -> None:
+        """Timer: push STATS (when STATS_PUSH was negotiated)."""
+        if self.active and self.conn is not None and self.conn.negotiated(Feature.STATS_PUSH):
+            self._send_stats(0, now)
+
+    # ================================================================ stopping
+
+    def stop(self, now: float) -> None:
+        """Deflate everything (SIGTERM).  With a session: DEFLATE, release after the
+        ACKs, then BYE.  Without: release what is safe, keep the rest."""
+        if self.stopping:
+            return
+        self.stopping = True
+        held = sum(s.pages for s in self.slots)
+        log.info("stopping: giving the balloon of %s back to the guest", _size(held))
+        if not self.active:
+            self._release_safe()
+        self._pump(now)
+        self._after_change(now)
+
+    def give_up(self, now: float) -> None:
+        """Stop now (a second signal, or the shutdown deadline): release what is safe."""
+        self.stopping = True
+        if self.conn is not None:
+            self.close_session("the agent is stopping", now, ErrorCode.SHUTTING_DOWN)
+        self._release_safe()
+
+    @property
+    def stopped(self) -> bool:
+        """Stopping, and nothing more can be released without the host."""
+        if not self.stopping or self._pinning or self._to_release:
+            return False
+        if any(s.state is ChunkState.RELEASING for s in self.slots):
+            return False
+        if self.session_open:
+            return False
+        return all(not s.safe for s in self.slots)
+
+    def kept(self) -> list[Slot]:
+        """Chunks still held (after stopping: those the host never answered for)."""
+        return list(self.slots)
+
+    # ================================================================ views
+
+    def figures(self, now: float) -> BalloonFigures:
+        acked = sum(
+            s.pages for s in self.slots
+            if s.state in (ChunkState.BALLOONED, ChunkState.DEFLATING)
+            or (s.state is ChunkState.LEAVING and s.safe)
+        )
+        pending = sum(
+            s.pages for s in self.slots
+            if s.state in (ChunkState.PENDING, ChunkState.RESYNCING, ChunkState.UNCONFIRMED)
+        )
+        return BalloonFigures(acked, pending, self.state_bits(now),
+                              self.config.guard.min_free_bytes)
+
+    def state_bits(self, now: float) -> BalloonState:
+        bits = self.guard.state(now)
+        if not self.stable:
+            bits |= BalloonState.UNSTABLE_FRAMES
+        if any(not s.safe for s in self.slots):
+            bits |= BalloonState.UNCONFIRMED
+        if self._frames_moved:
+            bits |= BalloonState.FRAMES_MOVED
+        return bits
+
+    def held_pages(self) -> int:
+        """Pages in every chunk the agent holds, whatever the host knows of them."""
+        return sum(s.pages for s in self.slots)
+
+    def summary(self) -> str:
+        """The balloon in a few words, for log lines."""
+        held = self.held_pages()
+        unsafe = sum(s.pages for s in self.slots if not s.safe)
+        text = f"balloon of {_size(held)}"
+        if unsafe:
+            text += f" ({_size(unsafe)} of it not yet confirmed by the host)"
+        return text
+
+    # ================================================================ events
+
+    def _handle(self, event: object, now: float) -> None:
+        conn = self.conn
+        assert conn is not None
+        if isinstance(event, Challenge):
+            self._send(conn.prove())
+        elif isinstance(event, Welcome):
+            self._welcome(event, now)
+        elif isinstance(event, Config):
+            self._set_target(event.num_pages, now)
+            self._pump(now)
+        elif isinstance(event, Ack | Nak):
+            self._answer(event, now)
+        elif isinstance(event, StatsRequest):
+            self._send_stats(event.txid, now)
+        elif isinstance(event, Ping):
+            self._send(Pong(event.txid))
+        elif isinstance(event, Pong):
+            pass
+        elif isinstance(event, Bye):
+            reason = event.reason.name.lower() if isinstance(event.reason, ByeReason) else "?"
+            self._end_session(
+                f"the host said goodbye ({reason}{': ' + event.message if event.message else ''})",
+                now,
+            )
+        elif isinstance(event, Error):
+            self._end_session(
+                f"the host reported an error: {event.code.name} {event.message}".rstrip(), now
+            )
+        elif isinstance(event, ConnectionClosed):
+            self._end_session("the host closed the connection", now)
+
+    def _welcome(self, welcome: Welcome, now: float) -> None:
+        conn = self.conn
+        assert conn is not None
+        from protocol.constants import feature_names
+
+        self._deflate_on_oom_allowed = conn.negotiated(Feature.DEFLATE_ON_OOM)
+        self.session_welcomed = True
+        log.info(
+            "the host accepted this guest: target %s, window %d, features %s%s",
+            _size(welcome.config.num_pages), welcome.window,
+            ", ".join(feature_names(welcome.features)) or "none",
+            "" if conn.negotiated(Feature.STABLE_PFNS) else " (accounting only: no STABLE_PFNS)",
+        )
+        self._set_target(welcome.config.num_pages, now)
+        self._pump(now)
+
+    def _set_target(self, pages: int, now: float) -> None:
+        if pages != self.target_pages:
+            log.info(
+                "host asked for a balloon of %s (it holds %s now)", _size(pages),
+                _size(self._acked_pages()),
+            )
+            self.target_pages = pages
+            self._announced_target = None
+
+    def _answer(self, event: Ack | Nak, now: float) -> None:
+        slot, kind = self._txids.pop(event.txid, (None, "?"))
+        if kind == "resync":
+            self._resync_answered(event, now)
+            return
+        if slot is None:
+            if isinstance(event, Nak):
+                log.warning("the host refused DEFLATE %d (%s: %s) of a chunk already released: "
+                            "resynchronising", event.txid, event.reason.name, event.message)
+                self._resync_needed = True
+            return
+        slot.unanswered -= 1
+        if kind == "inflate":
+            if isinstance(event, Ack):
+                slot.freed_pages += event.freed_pages
+            else:
+                delay = self._back_off(now)
+                log.warning(
+                    "the host refused %s of chunk %d (%s%s); giving them back to the guest, "
+                    "next inflate in %.0fs",
+                    _size(slot.pages), slot.chunk.seq, event.reason.name,
+                    f": {event.message}" if event.message else "", delay,
+                )
+                slot.refused = True
+                slot.unsent.clear()
+            if slot.unanswered == 0 and not slot.unsent:
+                self._inflate_done(slot, now)
+        elif kind == "deflate":
+            if isinstance(event, Nak):
+                log.warning(
+                    "the host refused to deflate chunk %d (%s%s): resynchronising",
+                    slot.chunk.seq, event.reason.name,
+                    f": {event.message}" if event.message else "",
+                )
+                self._back_off(now)
+                self._resync_needed = True
+        self._pump(now)
+
+    def _inflate_done(self, slot: Slot, now: float) -> None:
+        assert self.conn is not None
+        if not slot.refused:
+            slot.state, slot.safe = ChunkState.BALLOONED, True
+            self._failures = 0
+            self._progress(now)
+            return
+        slot.safe = True  # the host answered every piece
+        acked = slot.chunk.frames & self.conn.ballooned
+        if acked:
+            # Part of it was taken before a later piece was refused: give that part back.
+            slot.state = ChunkState.DEFLATING
+            slot.unsent = self.conn.split_report(acked)
+            self._outgoing.append(slot)
+        else:
+            self._release(slot)
+
+    def _resync_answered(self, event: Ack | Nak, now: float) -> None:
+        self._resync_in_flight = False
+        if isinstance(event, Ack):
+            self._synced = True
+            self._resync_empty = False
+            included = [s for s in self.slots if s.state is ChunkState.RESYNCING]
+            total = sum(s.pages for s in included) or 1
+            for slot in included:
+                slot.state, slot.safe = ChunkState.BALLOONED, True
+                slot.freed_pages = event.freed_pages * slot.pages // total
+            for slot in self.slots:
+                if slot.state is ChunkState.LEAVING:
+                    slot.safe = True
+            log.info("host confirmed the %s", self.summary())
+            self._progress(now, force=True)
+        else:
+            if self._resync_empty:
+                self.close_session(
+                    f"the host refused even an empty RESYNC ({event.reason.name}: "
+                    f"{event.message})", now, ErrorCode.INTERNAL,
+                )
+                return
+            log.warning(
+                "the host refused the RESYNC (%s%s): asking it to drop the whole balloon "
+                "instead, then inflating afresh", event.reason.name,
+                f": {event.message}" if event.message else "",
+            )
+            for slot in self.slots:
+                if slot.state is ChunkState.RESYNCING:
+                    slot.state = ChunkState.LEAVING
+            self._resync_empty = True
+            self._resync_needed = True
+        self._pump(now)
+
+    def _protocol_failure(self, exc: RemoteProtocolError, now: float) -> None:
+        match = _TOO_LARGE_RE.search(exc.message)
+        if match:
+            wanted, have = int(match.group(1)), int(match.group(2))
+            why = (
+                f"host asked for a balloon of {_size(wanted)}, larger than this guest "
+                f"({_size(have)}): refusing; the {self.summary()} stays as it is"
+            )
+        else:
+            why = f"the host broke the protocol: {exc.message}; the {self.summary()} is kept"
+        log.error("%s", why)
+        assert self.conn is not None
+        try:
+            self._send(Error(exc.code, exc.message[:1000]))
+        except LocalProtocolError:
+            pass
+        self._end_session(why, now)
+
+    def _end_session(self, why: str, now: float) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        self.session_error = why
+        self._txids.clear()
+        self._outgoing.clear()
+        self._resync_in_flight = False
+        self._synced = False
+        for slot in self.slots:
+            slot.unsent.clear()
+            slot.unanswered = 0
+            if slot.state in (ChunkState.PENDING, ChunkState.RESYNCING):
+                slot.state, slot.safe = ChunkState.UNCONFIRMED, False
+                if slot.refused:
+                    slot.refused = False
+            elif slot.state is ChunkState.DEFLATING:
+                slot.state = ChunkState.LEAVING
+        if self.stopping:
+            self._release_safe()
+
+    # ================================================================ decisions
+
+    def _pump(self, now: float) -> None:
+        """Send what may be sent, decide deflations and releases."""
+        conn = self.conn
+        if conn is None or conn.state is not State.ACTIVE or self._resync_in_flight:
+            return
+        if self._resync_needed:
+            if not conn.pending:
+                self._send_resync(now)
+            return
+        want = self._want_pages()
+        # Deflate newest first while more than wanted is committed.
+        committed = self._committed_pages()
+        for slot in sorted(self.slots, key=lambda s: s.chunk.seq, reverse=True):
+            if committed <= want:
+                break
+            if slot.state is ChunkState.PINNED:
+                self._release(slot)
+                committed -= slot.pages
+            elif slot.state is ChunkState.BALLOONED:
+                self._deflate(slot)
+                committed -= slot.pages
+        # Report pinned chunks, oldest first.
+        for slot in sorted(self.slots, key=lambda s: s.chunk.seq):
+            if slot.state is ChunkState.PINNED:
+                self._inflate(slot)
+        self._send_pieces()
+        self._release_reusable()
+        if self.stopping and not self.slots and not conn.pending and not self._pinning:
+            log.info("balloon released; saying goodbye to the host")
+            self._send(Bye(ByeReason.SHUTDOWN, "the guest agent is stopping"))
+            self._end_session("stopped", now)
+
+    def _want_pages(self) -> int:
+        if self.stopping or self.target_pages is None:
+            return 0
+        return self.target_pages
+
+    def _committed_pages(self) -> int:
+        return sum(s.pages for s in self.slots if s.state in _COMMITTED)
+
+    def _acked_pages(self) -> int:
+        return sum(s.pages for s in self.slots if s.state in (
+            ChunkState.BALLOONED, ChunkState.DEFLATING))
+
+    def _next_pin_size(self, now: float) -> int:
+        if not self.active or self.stopping or not self._synced or self._resync_needed:
+            return 0
+        if self._pinning or now < self._backoff_until or self.target_pages is None:
+            return 0
+        in_flight = sum(1 for s in self.slots if s.state in (ChunkState.PINNED,
+                                                             ChunkState.PENDING))
+        if in_flight >= self.window:
+            return 0
+        if any(s.state is ChunkState.DEFLATING and s.for_pressure for s in self.slots):
+            return 0
+        need = (self.target_pages - self._committed_pages()) * PAGE_SIZE
+        if need <= 0:
+            self.guard.at_target()
+            return 0
+        size = min(need, self.config.chunk_bytes)
+        if size >= HUGE_PAGE:
+            size -= size % HUGE_PAGE  # whole huge pages; the remainder gets its own chunk
+        if not self.guard.may_pin(size, now):
+            return 0
+        return size
+
+    def _apply_guard(self, now: float) -> None:
+        allowed = self._deflate_on_oom_allowed and bool(self.features & Feature.DEFLATE_ON_OOM)
+        step = self.guard.shed_bytes(now, allowed=allowed)
+        if not step:
+            return
+        session = self.active and self._synced and not self._resync_needed
+        candidates = [
+            s for s in sorted(self.slots, key=lambda s: s.chunk.seq, reverse=True)
+            if (s.state is ChunkState.BALLOONED if session else s.safe)
+            and s.state is not ChunkState.RELEASING
+        ]
+        chosen: list[Slot] = []
+        total = 0
+        for slot in candidates:
+            if chosen and total + slot.chunk.size_bytes > step:
+                break
+            chosen.append(slot)
+            total += slot.chunk.size_bytes
+        if not chosen:
+            return
+        self.guard.note_shed(now)
+        available = self.guard.available_bytes()
+        log.warning(
+            "memory pressure (%s available, floor %s): giving %s of the balloon back to the "
+            "guest%s", format_size(available or 0), format_size(self.config.guard.min_free_bytes),
+            format_size(total), "" if session else " while the host is away",
+        )
+        for slot in chosen:
+            slot.for_pressure = True
+            if session:
+                self._deflate(slot)
+            else:
+                self._release(slot)
+        if session:
+            self._send_pieces()
+            self._release_reusable()
+
+    # ================================================================ sending
+
+    def _send(self, event: object) -> None:
+        assert self.conn is not None
+        self._out.append(self.conn.send(event))  # type: ignore[arg-type]
+
+    def _inflate(self, slot: Slot) -> None:
+        assert self.conn is not None
+        frames = slot.chunk.frames
+        if frames and frames.last >= 2**32 and not self.conn.negotiated(Feature.PFN_RANGES):
+            log.error("chunk %d has frames above 16 TiB, which virtio's u32 PFNs cannot name "
+                      "(the host did not accept PFN_RANGES): giving it back", slot.chunk.seq)
+            self._release(slot)
+            return
+        slot.state, slot.safe = ChunkState.PENDING, False
+        slot.refused = False
+        slot.unsent = self.conn.split_report(frames)
+        self._outgoing.append(slot)
+
+    def _deflate(self, slot: Slot) -> None:
+        assert self.conn is not None
+        slot.state = ChunkState.DEFLATING
+        slot.unsent = self.conn.split_report(slot.chunk.frames)
+        self._outgoing.append(slot)
+
+    def _send_pieces(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        while self._outgoing and len(conn.pending) < conn.window:
+            slot = self._outgoing[0]
+            if not slot.unsent or slot.state not in (ChunkState.PENDING, ChunkState.DEFLATING):
+                self._outgoing.popleft()
+                continue
+            piece = slot.unsent.pop(0)
+            txid = conn.next_txid
+            if slot.state is ChunkState.PENDING:
+                self._send(Inflate(txid, piece))
+                self._txids[txid] = (slot, "inflate")
+            else:
+                self._send(Deflate(txid, piece))
+                self._txids[txid] = (slot, "deflate")
+            slot.unanswered += 1
+
+    def _send_resync(self, now: float) -> None:
+        conn = self.conn
+        assert conn is not None
+        want = 0 if self._resync_empty else self._want_pages()
+        included: list[Slot] = []
+        total = 0
+        for slot in sorted(self.slots, key=lambda s: s.chunk.seq):
+            if slot.state is ChunkState.RELEASING:
+                continue
+            keep = slot.state in (ChunkState.PINNED, ChunkState.PENDING, ChunkState.BALLOONED,
+                                  ChunkState.UNCONFIRMED, ChunkState.RESYNCING)
+            if keep and total + slot.pages <= want:
+                included.append(slot)
+                total += slot.pages
+                continue
+            slot.unsent.clear()
+            if slot.state is ChunkState.PINNED:
+                self._release(slot)
+            else:
+                slot.state = ChunkState.LEAVING
+        for slot in included:
+            slot.state, slot.safe = ChunkState.RESYNCING, False
+            slot.unsent.clear()
+        self._outgoing.clear()
+        pages = union_frames(s.chunk for s in included)
+        txid = conn.next_txid
+        self._send(Resync(txid, pages))
+        self._txids[txid] = (None, "resync")
+        self._resync_needed = False
+        self._resync_in_flight = True
+        leaving = sum(s.pages for s in self.slots if s.state is ChunkState.LEAVING)
+        log.info(
+            "telling the host the whole balloon: %s in %d chunks (RESYNC)%s", _size(total),
+            len(included), f"; {_size(leaving)} to give back once it confirms" if leaving else "",
+        )
+
+    def _send_stats(self, txid: int, now: float) -> None:
+        conn = self.conn
+        assert conn is not None
+        entries = stats_entries(
+            self._snapshot(), self.figures(now),
+            pressure=conn.negotiated(Feature.STATS_PRESSURE),
+        )
+        self._send(Stats(entries, txid))
+        self._last_pushed_state = self.state_bits(now)
+
+    # ================================================================ releasing
+
+    def _release(self, slot: Slot) -> None:
+        if slot.state is ChunkState.RELEASING:
+            return
+        slot.state = ChunkState.RELEASING
+        slot.unsent.clear()
+        self._to_release.append(slot)
+
+    def _release_reusable(self) -> None:
+        conn = self.conn
+        if conn is None or not self._synced:
+            return
+        for slot in self.slots:
+            if slot.state in (ChunkState.DEFLATING, ChunkState.LEAVING) and not slot.unsent:
+                if conn.may_reuse(slot.chunk.frames):
+                    self._release(slot)
+
+    def _release_safe(self) -> None:
+        for slot in self.slots:
+            if slot.safe and slot.state is not ChunkState.RELEASING:
+                self._release(slot)
+
+    # ================================================================ bookkeeping
+
+    def _after_change(self, now: float) -> None:
+        conn = self.conn
+        if conn is not None and conn.state is State.ACTIVE and self._synced:
+            actual = conn.ballooned.num_pages
+            if actual != self._last_actual:
+                self._send(Actual(actual))
+                self._last_actual = actual
+            if conn.negotiated(Feature.STATS_PUSH):
+                bits = self.state_bits(now) & (
+                    BalloonState.FLOOR_REACHED | BalloonState.PRESSURE_DEFLATING
+                )
+                last = (self._last_pushed_state or BalloonState(0)) & (
+                    BalloonState.FLOOR_REACHED | BalloonState.PRESSURE_DEFLATING
+                )
+                if bits != last:
+                    if bits & BalloonState.FLOOR_REACHED and not last & BalloonState.FLOOR_REACHED:
+                        avail = self.guard.available_bytes() or 0
+                        log.warning(
+                            "not inflating further: %s available, the floor is %s "
+                            "(balloon %s of %s asked)", format_size(avail),
+                            format_size(self.config.guard.min_free_bytes),
+                            _size(self._acked_pages()), _size(self.target_pages or 0),
+                        )
+                    self._send_stats(0, now)
+        if self.conn is None:
+            self._last_actual = None
+
+    def _progress(self, now: float, *, force: bool = False) -> None:
+        if self.target_pages is None:
+            return
+        target = self._want_pages()
+        acked = self._acked_pages()
+        freed = sum(s.freed_pages for s in self.slots if s.state is ChunkState.BALLOONED)
+        at_target = acked == target
+        if at_target and (self._announced_target == target or self.stopping) and not force:
+            return
+        if not (at_target or force) and now - self._last_progress < self.config.progress_interval_s:
+            return
+        self._last_progress = now
+        if at_target:
+            self._announced_target = target
+            log.info("balloon at target: %s, host freed %s", _size(acked), _size(freed))
+        elif acked < target:
+            log.info("inflating: %s of %s in the balloon, host freed %s", _size(acked),
+                     _size(target), _size(freed))
+        else:
+            log.info("deflating: %s in the balloon, going to %s%s", _size(acked), _size(target),
+                     " (stopping)" if self.stopping else "")
+
+    def _back_off(self, now: float) -> float:
+        first, longest = self.config.backoff_s
+        delay = min(longest, first * 2**self._failures)
+        self._failures += 1
+        self._backoff_until = now + delay
+        return delay
+
+    def _slot_of(self, chunk: Chunk) -> Slot | None:
+        for slot in self.slots:
+            if slot.chunk is chunk:
+                return slot
+        return None
+
+
+# Errors a worker call may raise that the core reports instead of crashing.
+WORKER_ERRORS = (NativeError, OSError, ProtocolError)
