@@ -27,9 +27,10 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 CTL = [sys.executable, "-m", "host_backend.ctl"]
 
 
-async def ctl(control, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
+async def ctl(control, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     with trio.fail_after(timeout_s):
-        return await trio.run_process([*CTL, "--control", str(control), *args],
+        return await trio.run_process([*CTL, "--control", str(control),
+                                       "--request-timeout", "60", *args],
                                       capture_stdout=True, capture_stderr=True, check=False,
                                       env=ENV)
 
@@ -150,9 +151,10 @@ async def test_set_with_wait_draws_a_bar_on_a_terminal(control, host, nursery):
     host.record("vm1").actual_bytes = 2 * GIB
     nursery.start_soon(converge_in_steps, host, "vm1")
     master, slave = pty.openpty()
-    with trio.fail_after(30):
+    with trio.fail_after(120):
         process = await trio.lowlevel.open_process(
-            [*CTL, "--control", str(control), "set", "vm1", "1536M", "--wait"],
+            [*CTL, "--control", str(control), "--request-timeout", "120", "set", "vm1",
+             "1536M", "--wait"],
             stdout=slave, stderr=subprocess.PIPE, env=ENV)
         os.close(slave)
         screen = b""
@@ -165,7 +167,9 @@ async def test_set_with_wait_draws_a_bar_on_a_terminal(control, host, nursery):
                 if not chunk:
                     break
                 screen += chunk
-        assert await process.wait() == 0
+        status = await process.wait()
+        problem = await process.stderr.receive_some(65536)
+        assert status == 0, problem
         await process.stderr.aclose()
     text = screen.decode()
     assert "\r\x1b[K" in text and "vm1 [" in text and "] 100%" in text
@@ -268,7 +272,7 @@ async def test_stats_pool_guest_and_release(control, host):
 
 
 async def test_watch_redraws_on_changes_and_ctrl_c_exits_0(control, host):
-    with trio.fail_after(30):
+    with trio.fail_after(120):
         process = await trio.lowlevel.open_process(
             [*CTL, "--control", str(control), "watch", "--interval", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
