@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from host_backend import service as service_module  # noqa: E402
 from host_backend.config import HostConfig  # noqa: E402
-from host_backend.service import HostService, Session, open_listeners, serve  # noqa: E402
+from host_backend.service import HostService, Session, open_listeners, serve, tune_gc  # noqa: E402
 from protocol import codec  # noqa: E402
 from protocol.addresses import parse_address  # noqa: E402
 from protocol.connection import GuestConnection, HostConnection  # noqa: E402
@@ -201,7 +201,9 @@ async def host_main(args: argparse.Namespace) -> None:
     gc_clock = GcClock()
     if args.gc == "off":
         gc.disable()
-    elif args.gc != "default":
+    elif args.gc == "default":
+        tune_gc()  # as uballoon-host runs it
+    else:
         gc.set_threshold(*(int(x) for x in args.gc.split(",")))
     if args.tracemalloc:
         tracemalloc.start(args.tracemalloc)

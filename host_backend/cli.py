@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from host_backend.config import UNKNOWN_POLICIES, HostConfig, load_config
-from host_backend.service import HostService, open_listeners, serve
+from host_backend.service import HostService, open_listeners, serve, tune_gc
 from protocol.addresses import parse_address
 from protocol.errors import PolicyError
 from protocol.units import format_size, parse_size
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyError as exc:
         print(f"uballoon-host: {exc}", file=sys.stderr)
         return 2
+    tune_gc()
     try:
         trio.run(run, args, config, capacity)
     except PolicyError as exc:

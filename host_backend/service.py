@@ -24,6 +24,7 @@ the order ``HostConnection.send`` produced them (the MACs count frames).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -117,6 +118,9 @@ class Session:
         self.superseded = False
         self._send_deadline: trio.CancelScope | None = None
         self._pongs = 0
+        self.ping_due = False
+        self.poll_due = False
+        self.next_poll = 0.0
 
     @property
     def name(self) -> str:
@@ -216,7 +220,8 @@ class Session:
                 self.done.set()
 
     async def _last_word(self, event: Error | Bye) -> None:
-        with trio.move_on_after(1), trio.CancelScope(shield=True):
+        # Shielded from the session's cancellation, bounded by its own deadline.
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await self.send(event, own_deadline=True)
             except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -355,20 +360,14 @@ class Session:
             raise trio.TooSlowError
 
     async def _writer(self) -> None:
-        """Targets, heartbeats and statistics polls, as they fall due."""
-        config = self.service.config
+        """Targets, heartbeats and statistics polls, as they fall due.  The service's
+        one ``ticker`` marks heartbeats and polls due for every session, so a wake
+        costs an Event, not a timer per session."""
         record = self.record
         assert record is not None
-        next_ping = trio.current_time() + config.heartbeat_s
-        next_poll = math.inf
         while True:
-            interval = record.stats_interval_s
-            if interval and next_poll == math.inf:
-                next_poll = trio.current_time() + interval
-            with trio.move_on_at(min(next_ping, next_poll)):
-                await self.wake.wait()
+            await self.wake.wait()
             self.wake = trio.Event()
-            now = trio.current_time()
             if self.config_dirty:
                 self.config_dirty = False
                 keep = record.target_keep_pages
@@ -376,16 +375,32 @@ class Session:
                     await self.send(
                         Config(record.num_pages_for(keep), min(record.actual, 0xFFFF_FFFF))
                     )
-            if now >= next_ping:
-                next_ping = now + config.heartbeat_s
+            if self.ping_due:
+                self.ping_due = False
                 unanswered = self.conn.next_ping().txid - 1 - self._pongs
                 if unanswered >= 3:
                     raise RemoteProtocolError("3 PINGs unanswered", ErrorCode.TIMEOUT)
                 await self.send(self.conn.next_ping())
-            if now >= next_poll:
-                next_poll = now + interval if record.stats_interval_s else math.inf
+            if self.poll_due:
+                self.poll_due = False
                 if self.conn.negotiated(Feature.STATS_VQ):
                     await self.send(self.conn.next_stats_request())
+
+    def tick(self, now: float, ping: bool) -> None:
+        """Called by the service's ticker: mark a heartbeat and a statistics poll due."""
+        record = self.record
+        if record is None:
+            return
+        interval = record.stats_interval_s
+        if interval and now >= self.next_poll:
+            self.poll_due = True
+            self.next_poll = now + interval
+        elif not interval:
+            self.next_poll = now
+        if ping:
+            self.ping_due = True
+        if self.poll_due or self.ping_due:
+            self.wake.set()
 
     # -- events ----------------------------------------------------------------------------
 
@@ -530,6 +545,20 @@ class HostService:
             self._policy_wake.set()
 
     # -- the policy ----------------------------------------------------------------------
+
+    async def ticker(self) -> None:
+        """Heartbeats and statistics polls for every session, from one task: a PING
+        every ``heartbeat_s``, a STATS_REQUEST every guest's polling interval."""
+        step = min(1.0, self.config.heartbeat_s)
+        next_ping = trio.current_time() + self.config.heartbeat_s
+        while True:
+            await trio.sleep(step)
+            now = trio.current_time()
+            ping = now >= next_ping
+            if ping:
+                next_ping = now + self.config.heartbeat_s
+            for session in list(self.sessions.values()):
+                session.tick(now, ping)
 
     async def policy_loop(self) -> None:
         while True:
@@ -837,6 +866,17 @@ class HostService:
                 nursery.start_soon(session._last_word, Bye(ByeReason.SHUTDOWN, "host stopping"))
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Each guest keeps ~100 objects the cyclic collector tracks and every message makes
+    a few dozen short-lived ones: with 10,000 guests CPython's default thresholds ran
+    2-3 full collections (1-2 s each) per target pushed to all of them
+    (bench/bench_host_scale.py).  Collect the young generation less often."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _first_error(group: BaseExceptionGroup) -> BaseException:
     """The exception that ended a reader/writer pair (the other one was cancelled)."""
     for exc in group.exceptions:
@@ -897,6 +937,7 @@ async def serve(
     async function taking ``task_status``."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.policy_loop)
+        nursery.start_soon(service.ticker)
         nursery.start_soon(service.state_saver)
         for server in extra:
             await nursery.start(server)

@@ -79,6 +79,7 @@ from protocol.events import (
 from protocol.ranges import RangeSet
 from protocol.state import TRANSITIONS, Role, State
 
+_MAC, _RANGES = int(Flag.MAC), int(Flag.RANGES)
 MAX_OUTSTANDING_PINGS = 16
 MAX_OUTSTANDING_STATS_REQUESTS = 16
 RANGE_BYTES = 12
@@ -145,7 +146,7 @@ class Connection:
         return self.welcome.window if self.welcome else 1
 
     def negotiated(self, feature: Feature) -> bool:
-        return bool(self.features & feature)
+        return bool(self.features & feature.value)
 
     def next_ping(self) -> Ping:
         """A Ping with this side's next ping id."""
@@ -269,7 +270,7 @@ class Connection:
 
     def _receive_frame(self, frame: codec.Frame) -> Event | None:
         header = frame.header
-        has_mac = bool(header.flags & Flag.MAC)
+        has_mac = bool(header.flags & _MAC)
         if self._recv_key is not None:
             if not has_mac and not self._crc_allowed_now(header.type):
                 raise RemoteProtocolError(
@@ -296,7 +297,7 @@ class Connection:
             self._recv_seq += 1
         else:
             codec.verify_crc(frame)
-        if header.flags & Flag.RANGES and not self.negotiated(Feature.PFN_RANGES):
+        if header.flags & _RANGES and not self.negotiated(Feature.PFN_RANGES):
             raise RemoteProtocolError(
                 f"{header.type.name} uses PFN ranges, which were not negotiated",
                 ErrorCode.BAD_FEATURES,

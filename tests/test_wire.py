@@ -93,3 +93,35 @@ def test_bad_range_lists_are_named(items, message):
 def test_duplicate_pfn_in_array_is_refused():
     with pytest.raises(ValueError, match="more than once"):
         wire.PfnArrayBody.parse(struct.pack("<3I", 5, 9, 5))
+
+
+def _values(container):
+    """The leaf values of a parsed construct Container, in declaration order."""
+    out = []
+    for key, value in container.items():
+        if key.startswith("_"):
+            continue
+        out.extend(_values(value) if hasattr(value, "items") else [value])
+    return tuple(out)
+
+
+@pytest.mark.parametrize("name", sorted(wire.FAST_BODIES))
+@given(data=st.binary(max_size=24))
+def test_fast_body_parses_exactly_what_the_declaration_parses(name, data):
+    declared, fast = wire.FAST_BODIES[name]
+    try:
+        expected = _values(declared.parse(data))
+    except Exception:
+        assert len(data) != fast.size
+        return
+    assert len(data) == fast.size and fast.unpack(data) == expected
+
+
+@pytest.mark.parametrize("name", sorted(wire.FAST_BODIES))
+@given(data=st.data())
+def test_fast_body_builds_exactly_what_the_declaration_builds(name, data):
+    declared, fast = wire.FAST_BODIES[name]
+    raw = data.draw(st.binary(min_size=fast.size, max_size=fast.size))
+    values = fast.unpack(raw)
+    container = declared.parse(raw)
+    assert declared.build(container) == fast.pack(*values) == raw
