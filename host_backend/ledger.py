@@ -84,6 +84,9 @@ class GuestRecord:
     """(time, keep target, ballooned pages, freed pages) after each change."""
     refusals: int = 0
     """Consecutive refused reports (reset by an accepted one)."""
+    map_trusted: bool = True
+    """False when the guest's own RAM layout disagrees with the configured map: a map
+    that may be wrong must not steer a punch."""
 
     @property
     def stable(self) -> bool:
@@ -93,7 +96,9 @@ class GuestRecord:
     def reclaims(self) -> bool:
         """True when this guest's balloon really frees host memory: its RAM is a file
         the host can reach, and the session is authenticated with stable frames."""
-        return self.ram_map is not None and self.authenticated and self.stable
+        return (
+            self.ram_map is not None and self.map_trusted and self.authenticated and self.stable
+        )
 
     @property
     def reclaim_mode(self) -> str:
@@ -178,6 +183,9 @@ class Ledger:
         record.ram_layout = ram_layout
         record.features = features
         record.authenticated = authenticated
+        record.map_trusted = record.ram_map is None or not ram_layout or (
+            ram_layout <= record.ram_map.pages
+        )
         record.refusals = 0
         self._remember(record, now)
         return record

@@ -287,6 +287,14 @@ class Session:
         )
         self.record = record
         service.restore_manual(record)
+        if not record.map_trusted:
+            outside = hello.ram_layout - record.ram_map.pages  # type: ignore[union-attr]
+            log.error(
+                "guest %s: its RAM at PFN %#x (%d pages) is outside the configured RAM map: "
+                "the map is wrong (QEMU moves RAM above 3 GiB to 4 GiB on a pc machine "
+                "with 3.5 GiB or more); accounting only until it is fixed",
+                record.name, outside.first, outside.num_pages,
+            )
         if record.ram_map is not None and record.reclaims:
             try:
                 self.ram = RamFiles(record.ram_map)

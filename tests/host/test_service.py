@@ -186,3 +186,25 @@ async def test_operator_target_reaches_the_guest(host_factory):
     with pytest.raises(Exception, match="more than guest vm1's RAM"):
         host.service.set_target("vm1", 128 * MIB, clamp=False)
     assert host.service.set_target("vm1", 128 * MIB, clamp=True) == 64 * MIB
+
+
+async def test_a_ram_map_that_disagrees_with_the_guest_is_not_used_to_punch(
+    host_factory, ram_file, key_file
+):
+    config = HostConfig(guests={"vm1": guest_config(ram_file=ram_file, key_file=key_file)})
+    host = await host_factory(config)
+    guest = FakeGuest(await host.connect(), key=key_file.read_bytes(), total_pages=PAGES)
+    # The guest says it has RAM at 4 GiB: the configured identity map cannot be right.
+    hello = guest.conn.make_hello(
+        name="vm1", features=guest.features, total_pages=PAGES,
+        ram_layout=P(0, PAGES // 2) | P((4 << 30) // 4096, PAGES // 2),
+    )
+    await guest.send(hello)
+    await guest.recv()  # CHALLENGE
+    await guest.send(guest.conn.prove())
+    await guest.recv()  # WELCOME
+    before = allocated(ram_file)
+    assert await guest.inflate(P(0, 1000)) == Ack(1, 0)
+    assert allocated(ram_file) == before
+    status = host.service.guest("vm1")
+    assert status.reclaim == "accounting" and status.authenticated
