@@ -7,7 +7,7 @@ For each size, alternately (so both see the same memory conditions):
 * baseline: a tiny C program compiled here with gcc -- mmap, MADV_HUGEPAGE, mlock
   (inflate), munlock + munmap (deflate); and its 4 KiB variant (MADV_NOHUGEPAGE).
   It pins nothing long-term and reads no frames: it is the floor.
-* pool: ``PagePool.pin`` in chunks (tmpfs file, fallocate, map, lock, long-term pin
+* pool: ``PagePool.pin`` in chunks (tmpfs file, sized, map, lock, long-term pin
   by the real holder process, frames from pagemap, sorted and merged), then the
   chunks' frames merged into the balloon's one RangeSet; deflate: ``release`` of
   every chunk (unpin, unmap, unlink).

@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-free", metavar="SIZE",
                    help="never inflate below this much available memory (default: 5%% of "
                    "RAM, at least 64M)")
-    p.add_argument("--chunk", metavar="SIZE", default="64M",
-                   help="balloon chunk size, a multiple of 2M up to 1G (default 64M)")
+    p.add_argument("--chunk", metavar="SIZE", default="128M",
+                   help="balloon chunk size, a multiple of 2M up to 1G (default 128M)")
     p.add_argument("--oom-step", metavar="SIZE",
                    help="most memory given back per pressure step (default: one chunk)")
     p.add_argument("--state-dir", metavar="DIR",

@@ -88,6 +88,11 @@ class Guard:
             if snapshot.pressure.some_avg10 >= self.config.calm_psi:
                 self._pressure_seen(now)  # still stalling: the hold-off starts over
 
+    @property
+    def wants_pressure(self) -> bool:
+        """Whether the next snapshot should carry PSI (only a pressure episode reads it)."""
+        return self._last_pressure is not None
+
     def pressure_event(self, now: float) -> None:
         """The PSI trigger fired."""
         self._last_trigger = now

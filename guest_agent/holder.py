@@ -21,7 +21,9 @@ Protocol (SOCK_SEQPACKET, one ASCII message each way per request, the socket
 ``holder.sock`` in the 0700 state directory, peers checked with SO_PEERCRED)::
 
     PIN <seq> <file> <bytes>   ->  OK  |  ERR <errno> <message>
-    UNPIN <seq>                ->  OK  |  OK not-held
+    UNPIN <seq> [<seq> ...]    ->  OK  |  OK not-held  |  ERR <errno> <message>
+                                   (several at once: a deflate releases many chunks;
+                                   those unpinned before an error stay unpinned)
     LIST                       ->  HELD [<seq>:<bytes> ...]
     EXIT                       ->  OK (and exits)  |  ERR 16 still holding N chunks
 
@@ -81,6 +83,8 @@ class Pinner(Protocol):
     def pin(self, seq: int, path: Path, size_bytes: int) -> None: ...
 
     def unpin(self, seq: int) -> None: ...
+
+    def unpin_all(self, seqs: list[int]) -> None: ...
 
     def held(self) -> dict[int, int]: ...
 
@@ -191,6 +195,11 @@ class HolderClient:
     def unpin(self, seq: int) -> None:
         self._call(f"UNPIN {seq}")
 
+    def unpin_all(self, seqs: list[int]) -> None:
+        """Unpin several chunks in one request.  (A holder older than this request
+        refuses it with EINVAL: then unpin them one at a time.)"""
+        self._call("UNPIN " + " ".join(str(seq) for seq in seqs))
+
     def held(self) -> dict[int, int]:
         """seq -> bytes of every pin the holder holds."""
         reply = self._call("LIST")
@@ -290,6 +299,10 @@ class LocalPins:
         entry = self._rings.pop(seq, None)
         if entry is not None:
             native.unpin(entry[0])
+
+    def unpin_all(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.unpin(seq)
 
     def held(self) -> dict[int, int]:
         return {seq: size for seq, (_, size) in self._rings.items()}
@@ -397,12 +410,14 @@ class _Holder:
                     return f"ERR {errno.EEXIST} chunk {seq} is already pinned", None
                 self.pins[seq] = (_pin_file(self.state_dir / name, size), size)
                 return "OK", None
-            if words[:1] == ["UNPIN"] and len(words) == 2:
-                entry = self.pins.pop(int(words[1]), None)
-                if entry is None:
-                    return "OK not-held", None
-                native.unpin(entry[0])
-                return "OK", None
+            if words[:1] == ["UNPIN"] and len(words) >= 2:
+                held = False
+                for seq in [int(word) for word in words[1:]]:
+                    entry = self.pins.pop(seq, None)
+                    if entry is not None:
+                        native.unpin(entry[0])
+                        held = True
+                return ("OK", None) if held else ("OK not-held", None)
             if words == ["LIST"]:
                 return " ".join(["HELD"] + [f"{s}:{n}" for s, (_, n) in self.pins.items()]), None
             if words == ["EXIT"]:

@@ -38,7 +38,15 @@ from pathlib import Path
 
 import trio
 
-from guest_agent.agent import WORKER_ERRORS, AgentConfig, AgentCore, Pin, Release, Verify
+from guest_agent.agent import (
+    DEFAULT_CHUNK_BYTES,
+    WORKER_ERRORS,
+    AgentConfig,
+    AgentCore,
+    Pin,
+    Release,
+    Verify,
+)
 from guest_agent.guard import GuardConfig
 from guest_agent.holder import HolderClient, LocalPins, Pinner
 from guest_agent.pool import PagePool, StateDir, wait_holder_gone
@@ -68,7 +76,7 @@ class Options:
     fallback_dir: Path | None = None
     key: bytes | None = None
     min_free_bytes: int | None = None
-    chunk_bytes: int = 64 << 20
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     oom_step_bytes: int | None = None
     deflate_on_oom: bool = True
     long_term_pin: bool = True
@@ -179,7 +187,7 @@ class AgentService:
             with trio.CancelScope(shield=True):
                 await self._run(command)
             if self.pool.pins_lost:
-                self.core.request_verify()
+                self.core.request_verify(urgent=True)
             self._notify()
 
     async def _run(self, command: Pin | Release | Verify) -> None:
@@ -193,12 +201,16 @@ class AgentService:
             else:
                 core.pinned(chunk, trio.current_time())
         elif isinstance(command, Release):
-            try:
-                await run(self.pool.release, command.chunk, limiter=self._limiter)
-            except WORKER_ERRORS as exc:
-                core.release_failed(command.chunk, exc, trio.current_time())
-            else:
-                core.released(command.chunk, trio.current_time())
+            # Every chunk waiting to go, in one worker call and one request to the
+            # pin holder: each thread hop and holder round trip costs milliseconds
+            # of the guest's CPU, and a deflate releases many chunks at once.
+            chunks = [command.chunk, *core.more_releases()]
+            results = await run(self.pool.release_all, chunks, limiter=self._limiter)
+            now = trio.current_time()
+            for chunk, error in results:
+                if error is not None:
+                    core.release_failed(chunk, error, now)
+            core.released_all([chunk for chunk, error in results if error is None], now)
         else:
             try:
                 changes = await run(self.pool.check, command.chunks, limiter=self._limiter)
@@ -211,7 +223,8 @@ class AgentService:
 
     async def _guard_loop(self) -> None:
         while True:
-            self.core.observe(self.source.read(), trio.current_time())
+            snapshot = self.source.read_for_guard(pressure=self.core.guard.wants_pressure)
+            self.core.observe(snapshot, trio.current_time())
             self._notify()
             await trio.sleep(self.options.guard_interval_s)
 

@@ -239,8 +239,9 @@ def map_shared(fd: int, size_bytes: int, offset: int = 0, *, huge: bool | None =
     """Map ``size_bytes`` of the file ``fd`` from ``offset`` read-write and shared; return
     the address.
 
-    The file must already be that long (``os.posix_fallocate`` it: a tmpfs file's
-    pages then outlive this process).  The span is placed so that huge pages of a
+    The file must already be that long (``os.ftruncate`` it; ``lock`` then
+    allocates the pages into the file, so a tmpfs file's pages outlive this
+    process).  The span is placed so that huge pages of a
     tmpfs ``huge=`` mount can be mapped whole.  ``huge=True`` applies
     MADV_HUGEPAGE (needed on ``huge=advise`` mounts), ``huge=False`` MADV_NOHUGEPAGE,
     ``None`` leaves the mount's policy alone.
@@ -303,8 +304,8 @@ def lock(address: int, size_bytes: int) -> None:
         elif err == errno.EFAULT:
             hint = (
                 "A page could not be faulted in (it would have raised SIGBUS): the file "
-                "is shorter than the span, or its tmpfs mount is full (its size= option); "
-                "posix_fallocate the file first"
+                "is shorter than the span (ftruncate it first), or its tmpfs mount is "
+                "full (its size= option)"
             )
         elif err == _EHWPOISON:
             hint = "A page hit a hardware memory error"

@@ -8,6 +8,7 @@ So every frame a test sees reported is a frame some real locked page sits in.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 
@@ -268,6 +269,73 @@ def test_deflates_newest_first_and_releases_only_after_the_ack(rig: Rig) -> None
     assert not third.path.exists()
     assert rig.ledger == first.frames == real_frames(rig.pool)
     assert rig.actuals[-1] == pages(4)
+
+
+def test_more_chunks_than_the_window_deflate_in_one_report(local_pool: PagePool) -> None:
+    rig = Rig(local_pool, target_mib=10, window=2)
+    rig.connect()
+    chunks = [s.chunk for s in rig.core.slots]
+    rig.answering = False
+    rig.host_sends(Config(0))
+    deflates = [r for r in rig.requests if isinstance(r, Deflate)]
+    # Three chunks, two free places in the window: one DEFLATE names all of them, so
+    # the whole deflate costs one round trip to the host.
+    assert len(deflates) == 1 and deflates[0].pages == union_frames(chunks)
+    assert all(c.path.exists() for c in chunks)  # nothing goes back before the answer
+    rig.answer_held()
+    assert rig.pool.chunks == {} and not any(c.path.exists() for c in chunks)
+    assert rig.ledger == RangeSet.empty() and rig.actuals[-1] == 0
+
+
+def test_actual_counts_deflated_pages_until_they_are_released(rig: Rig) -> None:
+    rig.connect()
+    rig.answering = False
+    rig.host_sends(Config(pages(4)))
+    assert rig.actuals[-1] == pages(10)
+    # The host answers, but the worker has not released the chunks yet: the guest
+    # does not have those pages back, so ``actual`` (virtio's meaning) stays.
+    out = b"".join(rig.answer(e) for e in rig.held)
+    rig.held.clear()
+    rig.core.receive_data(out, rig.now)
+    rig.exchange()
+    assert rig.actuals[-1] == pages(10)
+    assert rig.core.figures(rig.now).ballooned_pages == pages(4)  # the host's view
+    rig.settle()  # the worker releases them
+    assert rig.actuals[-1] == pages(4) and len(rig.pool.chunks) == 1
+
+
+def test_a_routine_check_waits_until_no_pin_is_wanted(rig: Rig) -> None:
+    rig.connect()
+    rig.core.request_verify()
+    rig.core.receive_data(rig.host.send(Config(pages(18))), rig.now)
+    kinds = []
+    while (command := rig.work()) is not None:
+        kinds.append(type(command).__name__)
+        rig.exchange()
+    assert kinds == ["Pin", "Pin", "Verify"]  # 4M + 4M first, the check after
+
+
+def test_an_urgent_check_comes_before_the_next_pin(rig: Rig) -> None:
+    rig.connect()
+    rig.core.request_verify(urgent=True)
+    rig.core.receive_data(rig.host.send(Config(pages(14))), rig.now)
+    assert isinstance(rig.core.next_command(rig.now), Verify)
+
+
+def test_reaching_the_target_logs_how_long_it_took(
+    local_pool: PagePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="uballoon.agent")
+    rig = Rig(local_pool, target_mib=10)
+    rig.connect()
+    line = next(r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("balloon at target: 10M"))
+    assert "inflated 10M in" in line and "in 3 chunks" in line
+    timings = next(r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("timings "))
+    data = json.loads(timings.removeprefix("timings "))
+    assert data["chunks_pinned"] == 3 and len(data["sent_s"]) == 3
+    assert set(data["pin_phases_s"]) >= {"create", "map", "lock", "pin", "frames"}
 
 
 def test_without_must_tell_host_pages_go_back_once_the_deflate_is_sent(

@@ -169,7 +169,13 @@ async def test_sigkill_mid_inflate_keeps_the_frames_and_a_restart_resyncs_them(
         assert reported and reported <= held
         holder = holder_pid(state)
         assert holder is not None
-        assert vm_status(holder, "VmPin") == sum(f.stat().st_size for f in files)
+        # The holder pins every chunk file -- and perhaps a file the SIGKILL caught
+        # between the holder's pin and the agent's rename (pinning-*: never reported,
+        # dropped by the restart).  That window is real, if short: it made this
+        # equality fail ~1 run in 40 before it allowed for it.
+        in_chunks = sum(f.stat().st_size for f in files)
+        half_made = sum(f.stat().st_size for f in state.glob("pinning-*"))
+        assert in_chunks <= vm_status(holder, "VmPin") <= in_chunks + half_made
 
         host.hold = None
         count = len(host.sessions)

@@ -86,6 +86,54 @@ def test_pin_holds_exactly_the_pages_and_reports_their_frames(holder_pool: PageP
     assert pool.pinner.held() == {}
 
 
+def test_release_all_drops_every_pin_in_one_request(holder_pool: PagePool) -> None:
+    pool = holder_pool
+    holder = holder_pid(pool.directory)
+    pinned = status_bytes(holder, "VmPin")
+    chunks = [pool.pin(4 * MiB) for _ in range(3)]
+    assert status_bytes(holder, "VmPin") == pinned + 12 * MiB
+    results = pool.release_all(chunks)
+    assert [(c, e) for c, e in results] == [(c, None) for c in chunks]
+    assert pool.pinner.held() == {} and pool.chunks == {}
+    assert status_bytes(holder, "VmPin") == pinned
+    assert not any(c.path.exists() for c in chunks)
+    assert all({"unpin", "unmap", "unlink"} <= set(c.release_times) for c in chunks)
+
+
+def test_the_holder_unpins_several_chunks_and_ignores_unknown_ones(state_dir: Path) -> None:
+    path = state_dir / "chunk-00000001"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 2 * MiB)
+    os.close(fd)
+    client = HolderClient.connect(state_dir)
+    try:
+        client.pin(1, path, 2 * MiB)
+        client.pin(2, path, 2 * MiB)
+        client.unpin_all([1, 2, 7])
+        assert client.held() == {}
+        client.unpin_all([1])  # nothing held: still fine
+    finally:
+        client.stop()
+        client.close()
+        wait_holder_gone(state_dir, client.pid)
+
+
+def test_a_chunk_is_allocated_by_locking_it_in_huge_pages(state_dir: Path) -> None:
+    # The file is sized, not fallocated: on a huge=within_size tmpfs, a kernel that
+    # decides the page size against the size before the call (Linux 6.1) would give
+    # a fallocated empty file 4 KiB pages.
+    pool = PagePool(state_dir, LocalPins())
+    try:
+        chunk = pool.pin(8 * MiB)
+        assert chunk.frames.num_ranges <= 4
+        pfns = native.read_pfns(chunk.address, chunk.size_bytes).reshape(-1, 512)
+        assert (pfns[:, 0] % 512 == 0).all() and (np.diff(pfns, axis=1) == 1).all()
+        assert {"create", "map", "lock", "pin", "frames"} <= set(chunk.pin_times)
+        pool.release(chunk)
+    finally:
+        pool.close()
+
+
 def test_a_chunk_that_cannot_be_had_leaves_nothing_behind(tmp_path: Path) -> None:
     mount = Mount(tmp_path / "small", size="4M")
     try:

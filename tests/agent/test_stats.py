@@ -99,6 +99,18 @@ def test_a_vm_reports_the_machine_in_the_right_units(tmp_path: Path) -> None:
     assert tags[StatTag.MIN_FREE] == 64 << 20 and tags[StatTag.CGROUP] == 0
 
 
+def test_the_guard_reads_meminfo_and_psi_only_when_asked(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path)
+    source = MemorySource(proc, cgroup=None)
+    (proc / "vmstat").unlink()  # the guard's snapshot does not need it
+    snap = source.read_for_guard(pressure=False)
+    assert (snap.total_bytes, snap.available_bytes, snap.free_bytes) == (
+        8000000 * 1024, 6000000 * 1024, 5000000 * 1024)
+    assert snap.pressure is None
+    assert source.read_for_guard(pressure=True).pressure == read_pressure(
+        proc / "pressure" / "memory")
+
+
 def test_the_same_tags_every_time_and_psi_only_when_negotiated(tmp_path: Path) -> None:
     snap = MemorySource(fake_proc(tmp_path, psi=None), cgroup=None).read()
     assert snap.pressure is None
