@@ -110,10 +110,10 @@ class GuestState:
 
         if not isinstance(self.name, str) or not self.name:
             raise PolicyError(f"guest name {self.name!r}: must be a non-empty string")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith("_pages") and value is not None and value < 0:
-                raise fail(f.name, "cannot be negative")
+        for name in _PAGE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise fail(name, "cannot be negative")
         if self.min_pages > self.ram_pages:
             raise fail("min_pages", f"is above ram_pages = {self.ram_pages}")
         if self.shares < 1:
@@ -125,6 +125,9 @@ class GuestState:
         psi = self.psi_some_avg10
         if psi is not None and not 0.0 <= psi <= 100.0:
             raise fail("psi_some_avg10", "is not a percentage")
+
+
+_PAGE_FIELDS = tuple(f.name for f in fields(GuestState) if f.name.endswith("_pages"))
 
 
 @dataclass(frozen=True)

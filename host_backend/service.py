@@ -76,6 +76,7 @@ from protocol.events import (
     Welcome,
 )
 from protocol.ranges import RangeSet
+from protocol.state import State
 from protocol.units import PAGE_SIZE, format_size
 
 log = logging.getLogger("uballoon.host")
@@ -117,6 +118,12 @@ class Session:
         self.config_dirty = False
         self.superseded = False
         self._send_deadline: trio.CancelScope | None = None
+        # The socket's descriptor, for sends that need not wait and receives that wait
+        # once (see send_nowait and _receive); None for a stream that is not a socket.
+        self._fd: int | None = _socket_fd(stream)
+        self._backlog = b""  # bytes send_nowait could not write yet
+        self.heard = trio.current_time()  # when the guest's last bytes arrived
+        self.idle_scope = trio.CancelScope()  # the ticker cancels it: nothing heard
         self._pongs = 0
         self.ping_due = False
         self.poll_due = False
@@ -144,6 +151,15 @@ class Session:
             lock.acquire_nowait()
         try:
             data = self.conn.send(event)
+            if self._backlog:
+                data, self._backlog = self._backlog + data, b""
+            if self._fd is not None:
+                # Most sends fit the socket's buffer: written at once, with no trip
+                # through the scheduler.  What does not is sent below, with the deadline.
+                written = self._write_nowait(data)
+                if written == len(data):
+                    return
+                data = data[written:]
             scope = None if own_deadline else self._send_deadline
             if scope is None:  # the handshake, a last word
                 with trio.CancelScope(deadline=trio.current_time() + SEND_TIMEOUT_S) as scope:
@@ -159,20 +175,87 @@ class Session:
         finally:
             lock.release()
 
-    async def next_event(self, idle_timeout: float) -> Any:
+    def send_nowait(self, event: Any) -> bool:
+        """Send ``event`` now if that needs no waiting: no other send under way and a
+        socket.  Returns False (nothing sent) otherwise.  Bytes the socket does not
+        take at once -- and an error -- are left to the writer task, which sends them
+        under the send deadline (or meets the error) in the session's own context."""
+        if self._fd is None or self.send_lock.locked() or self._backlog:
+            return False
+        data = self.conn.send(event)
+        try:
+            written = self._write_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            written = 0
+        if written < len(data):
+            self._backlog = data[written:]
+            self.wake.set()
+        return True
+
+    def _write_nowait(self, data: bytes) -> int:
+        """Write what the socket takes without blocking; the bytes written."""
+        assert self._fd is not None
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"sending to the guest: {exc}") from exc
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the guest (b"" at its end of the stream).
+
+        On a socket: wait until it is readable, then read -- one trip through the
+        scheduler per read, where ``receive_some`` first tries a read that finds
+        nothing and then waits (two)."""
+        fd = self._fd
+        if fd is None:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        else:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                    break
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"receiving from the guest: {exc}") from exc
+        self.heard = trio.current_time()
+        return data
+
+    async def next_event(self, idle_timeout: float | None = None) -> Any:
+        """The guest's next event.  ``idle_timeout``: fail if nothing arrives within it
+        (the handshake); while the session is served the ticker watches for silence
+        instead (``idle_scope``), so no deadline is set per receive."""
         while True:
             event = self.conn.next_event()
             if event is not NEED_DATA:
                 return event
-            with trio.move_on_after(idle_timeout) as scope:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            if scope.cancelled_caught:
-                raise RemoteProtocolError(
-                    f"nothing heard for {idle_timeout:g}s", ErrorCode.TIMEOUT
-                )
+            if idle_timeout is None:
+                data = await self._receive()
+            else:
+                with trio.move_on_after(idle_timeout) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    raise RemoteProtocolError(
+                        f"nothing heard for {idle_timeout:g}s", ErrorCode.TIMEOUT
+                    )
             self.conn.receive_data(data)
 
     def push_config(self) -> None:
+        """The guest's target changed: send it a CONFIG -- now if the socket takes it,
+        else from the writer task."""
+        record = self.record
+        if (
+            not self.config_dirty and record is not None and self.conn.state is State.ACTIVE
+            and record.target_keep_pages is not None
+        ):
+            keep = record.target_keep_pages
+            if self.send_nowait(
+                Config(record.num_pages_for(keep), min(record.actual, 0xFFFF_FFFF))
+            ):
+                return
         self.config_dirty = True
         self.wake.set()
 
@@ -214,6 +297,7 @@ class Session:
                     service.changed(policy=True)
                 if self.ram is not None:
                     self.ram.close()
+                self._fd = None  # its number may soon be another guest's socket
                 await trio.aclose_forcefully(self.stream)
                 if self.predecessor is not None:
                     await self.predecessor.done.wait()
@@ -352,14 +436,20 @@ class Session:
             with deadline:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
-                    while True:
-                        event = await self.next_event(idle)
-                        if isinstance(event, ConnectionClosed):
-                            raise SessionEnded("disconnected")
-                        await self._handle(event)
-                        if isinstance(event, Bye | Error):
-                            nursery.cancel_scope.cancel()
-                            return
+                    self.heard = trio.current_time()
+                    with self.idle_scope:
+                        while True:
+                            event = await self.next_event()
+                            if isinstance(event, ConnectionClosed):
+                                raise SessionEnded("disconnected")
+                            await self._handle(event)
+                            if isinstance(event, Bye | Error):
+                                nursery.cancel_scope.cancel()
+                                return
+                    if self.idle_scope.cancelled_caught:
+                        raise RemoteProtocolError(
+                            f"nothing heard for {idle:g}s", ErrorCode.TIMEOUT
+                        )
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         finally:
@@ -376,6 +466,15 @@ class Session:
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
+            if self._backlog:  # what send_nowait could not write
+                async with self.send_lock:
+                    data, self._backlog = self._backlog, b""
+                    assert self._send_deadline is not None
+                    self._send_deadline.deadline = trio.current_time() + SEND_TIMEOUT_S
+                    try:
+                        await self.stream.send_all(data)
+                    finally:
+                        self._send_deadline.deadline = math.inf
             if self.config_dirty:
                 self.config_dirty = False
                 keep = record.target_keep_pages
@@ -399,6 +498,8 @@ class Session:
         record = self.record
         if record is None:
             return
+        if now - self.heard > 3 * self.service.config.heartbeat_s:
+            self.idle_scope.cancel()  # _serve ends the session: nothing heard
         interval = record.stats_interval_s
         if interval and now >= self.next_poll:
             self.poll_due = True
@@ -893,6 +994,13 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
         if not isinstance(exc, trio.Cancelled):
             return exc
     return group
+
+
+def _socket_fd(stream: trio.abc.Stream) -> int | None:
+    sock = getattr(stream, "socket", None)
+    if isinstance(stream, trio.SocketStream) and sock is not None:
+        return sock.fileno()
+    return None
 
 
 def _peer(stream: trio.abc.Stream) -> str:

@@ -11,7 +11,7 @@ from host_backend.config import HostConfig
 from protocol import codec
 from protocol.constants import ByeReason, MessageType
 from protocol.errors import ErrorCode, NakReason
-from protocol.events import Ack, Bye, ConnectionClosed, Error, Nak, Stats
+from protocol.events import NEED_DATA, Ack, Bye, ConnectionClosed, Error, Nak, Stats
 from protocol.ranges import RangeSet
 from tests.host.conftest import MIB, guest_config, wait_for
 from tests.host.guests import FakeGuest, connect
@@ -208,3 +208,46 @@ async def test_a_ram_map_that_disagrees_with_the_guest_is_not_used_to_punch(
     assert allocated(ram_file) == before
     status = host.service.guest("vm1")
     assert status.reclaim == "accounting" and status.authenticated
+
+
+async def test_a_guest_that_stops_reading_is_dropped_and_the_others_keep_working(
+    host_factory, monkeypatch, caplog
+):
+    from host_backend import service as service_module
+
+    monkeypatch.setattr(service_module, "SEND_TIMEOUT_S", 1.0)
+    config = HostConfig(guests={"vm1": guest_config(), "vm2": guest_config("vm2")})
+    host = await host_factory(config)
+    stuck, _ = await start_guest(host, total_pages=PAGES)  # never reads again
+    good, _ = await start_guest(host, name="vm2", total_pages=PAGES)
+    # Far more CONFIGs than a socket buffer holds: the host must neither block on
+    # the stuck guest nor lose its other guests.
+    for i in range(20_000):
+        host.service.set_target("vm1", (32 + 16 * (i % 2)) * MIB, clamp=False)
+    host.service.set_target("vm2", 16 * MIB, clamp=False)
+    assert (await good.wait_config(lambda c: c.num_pages == PAGES * 3 // 4)).num_pages
+    await wait_for(host.service, lambda: "vm1" not in host.service.sessions)
+    assert "guest vm1" in caplog.text and "too slow; dropped" in caplog.text
+    assert not host.service.guest("vm1").connected
+    assert host.service.guest("vm2").connected
+    assert await good.inflate(P(0, 8)) == Ack(1, 0)
+    host.service.ledger.check()
+
+
+async def test_a_silent_guest_is_dropped_after_three_heartbeats(host_factory):
+    host = await host_factory(HostConfig(heartbeat_s=0.2, guests={"vm1": guest_config()}))
+    silent, _ = await start_guest(host, total_pages=PAGES)  # neither reads nor answers
+    await wait_for(host.service, lambda: "vm1" not in host.service.sessions)
+    data = b""
+    with trio.fail_after(30):
+        while chunk := await silent.stream.receive_some(1 << 16):
+            data += chunk
+    silent.conn.receive_data(data)
+    events = []
+    while (event := silent.conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, ConnectionClosed):
+            break
+    errors = [e for e in events if isinstance(e, Error)]
+    assert errors and errors[-1].code is ErrorCode.TIMEOUT, events
+    assert "nothing heard" in errors[-1].message or "PINGs unanswered" in errors[-1].message
