@@ -17,7 +17,7 @@ What the guest is made of:
 * read-only 9p shares of what the guest needs to run the host's Python and the project —
   ``/usr``, the Python prefix, the venv and the checkout — each under a tmpfs overlay at
   the same path as on the host, so writes land in the guest.  /etc, /root, /tmp, /dev/shm,
-  /var and the RAM files are never shared;
+  /var and the RAM files are never shared (a checkout below /tmp or /var is, alone);
 * RAM from files on /dev/shm (``memory-backend-file,share=on``), one per NUMA node, so a
   host backend can punch holes in them; ``ram_map`` says which guest-physical range each
   file backs;
@@ -156,7 +156,10 @@ _NEVER_SHARE = (
     "/opt",
 )
 # Nothing below these is shared either (their contents are secrets, state or RAM).
-_NEVER_SHARE_BELOW = ("/etc", "/tmp", "/var", "/dev", "/proc", "/sys", "/run", "/boot")
+# Below /tmp and /var a checkout may be shared (CI clones into such places): the keys,
+# state files and RAM files of the tests live in their own directories beside it, and
+# ``_check_shareable`` refuses any share that would hold the temporary directory.
+_NEVER_SHARE_BELOW = ("/etc", "/dev", "/proc", "/sys", "/run", "/boot")
 
 _GIB = 1 << 30
 _PC_MAX_RAM_BELOW_4G = 0xE0000000  # QEMU pc: 3.5 GiB
@@ -728,6 +731,13 @@ def _check_shareable(path: Path) -> None:
     for bad in _NEVER_SHARE_BELOW:
         if s.startswith(bad + "/"):
             raise VMUnavailable(f"refusing to share {s} with a guest (it is under {bad})")
+    # Keys, host state and wiretaps are written under the temporary directory.
+    temp = os.path.realpath(tempfile.gettempdir())
+    if temp == s or temp.startswith(s.rstrip("/") + "/"):
+        raise VMUnavailable(
+            f"refusing to share {s} with a guest (it holds the temporary directory {temp}, "
+            "where keys and host state are written)"
+        )
 
 
 def _python_shares() -> list[Path]:
@@ -1325,6 +1335,11 @@ class GuestVM:
         assets = prepare_assets()
         self.accel = choose_accel(assets) if self._accel_wanted == "auto" else self._accel_wanted
         self.shares = _normalise_shares([*_python_shares(), *self._extra_shares])
+        ram_dir = Path(os.path.realpath(self.ram_dir))
+        for share in self.shares:
+            if share == ram_dir or share in ram_dir.parents:
+                raise VMUnavailable(f"refusing to share {share} with a guest: it holds "
+                                    f"the RAM files' directory {ram_dir}")
 
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
         # From here on, the finalizer owns cleanup; it sees the lists as they grow.

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +132,8 @@ def test_pc_ram_map_layouts() -> None:
         "/etc",
         "/root",
         "/tmp",
-        "/tmp/x",
         "/dev/shm",
         "/var",
-        "/var/tmp/uballoon-vm",
         "/home",
         "/etc/ssh",
         "/proc/1",
@@ -146,10 +145,22 @@ def test_refuses_to_share_secrets_and_state(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/usr", "/root/.pyenv/versions/3.11.7", "/work/main", "/home/me/venv"]
+    "path",
+    [
+        "/usr", "/root/.pyenv/versions/3.11.7", "/work/main", "/home/me/venv",
+        "/tmp/ci-clone", "/var/lib/ci/checkout",  # where a CI may clone the project
+    ],
 )
 def test_shares_what_python_needs(path: str) -> None:
     _check_shareable(Path(path))
+
+
+def test_refuses_a_share_that_holds_the_temporary_directory(monkeypatch) -> None:
+    # Keys and host state are written under it: a checkout holding it is not shared.
+    monkeypatch.setattr(tempfile, "tempdir", "/work/ci/tmp")
+    with pytest.raises(VMUnavailable, match="temporary directory"):
+        _check_shareable(Path("/work/ci"))
+    _check_shareable(Path("/work/ci/checkout"))
 
 
 def test_vsock_probe_never_connects() -> None:
