@@ -9,8 +9,9 @@ calls it every interval and on events, then sends each guest its ``Target.keep_p
 
 Capacity.  The host keeps ``capacity = free pool + Σ (RAM − host-freed)``.  A guest whose
 balloon really frees host memory (``reclaims``) costs what it keeps, or the target it was
-last granted if that is more; an accounting-only guest costs its whole RAM whatever its
-balloon, so it never makes room for anyone.
+last granted if that is more, plus the pages of its balloon the host did not verifiably
+free (``unfreed_pages``: capacity nobody can be given); an accounting-only guest costs
+its whole RAM whatever its balloon, so it never makes room for anyone.
 
 Goals.  A disconnected guest, or one with no statistics yet, stays where it is; a manual
 target, clamped to [floor, RAM], is its guest's goal.  What capacity those leave is handed
@@ -84,6 +85,8 @@ class GuestState:
     manual_keep_pages: an operator's target, None when automatic
     connected: an agent is connected; if not, the policy cannot move it
     reclaims: inflating it really frees host memory (False: accounting only)
+    unfreed_pages: pages of its balloon the host has not verifiably freed (a punch left
+        data, or a page refilled); a reclaiming guest still costs the host those
 
     Raises PolicyError, naming the guest and the field, for a state that cannot hold.
     """
@@ -103,6 +106,7 @@ class GuestState:
     manual_keep_pages: int | None = None
     connected: bool = True
     reclaims: bool = True
+    unfreed_pages: int = 0
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> PolicyError:
@@ -122,6 +126,8 @@ class GuestState:
             value = getattr(self, name)
             if value is not None and value > self.ram_pages:
                 raise fail(name, f"is above ram_pages = {self.ram_pages}")
+        if self.unfreed_pages > self.ram_pages - self.keep_pages:
+            raise fail("unfreed_pages", f"is more than its balloon ({self.ram_pages - self.keep_pages})")
         psi = self.psi_some_avg10
         if psi is not None and not 0.0 <= psi <= 100.0:
             raise fail("psi_some_avg10", "is not a percentage")
@@ -214,7 +220,9 @@ def compute_targets(
         if a.name == b.name:
             raise PolicyError(f"guest {a.name!r} is listed twice")
     pressure = {g.name: pressure_reason(g, p) for g in ordered}
-    goal, why, auto_floor = _goals(ordered, capacity_pages, pressure, p)
+    # Ballooned pages the host did not get back are capacity nobody can be given.
+    unfreed = sum(g.unfreed_pages for g in ordered if g.reclaims)
+    goal, why, auto_floor = _goals(ordered, max(0, capacity_pages - unfreed), pressure, p)
 
     # From goals to this round's targets: bounded steps, growth only from free capacity.
     committed = sum(_cost(g) for g in ordered)
@@ -398,8 +406,9 @@ def _clamp(pages: int, g: GuestState) -> int:
 
 
 def _cost(g: GuestState) -> int:
-    """Capacity the guest holds now, counting a larger target already granted to it."""
+    """Capacity the guest holds now, counting a larger target already granted to it and
+    the pages of its balloon the host did not get back."""
     if not g.reclaims:
         return g.ram_pages
     granted = g.target_keep_pages if g.connected and g.target_keep_pages is not None else 0
-    return max(g.keep_pages, granted)
+    return max(g.keep_pages, granted) + g.unfreed_pages

@@ -732,7 +732,7 @@ class HostService:
         stats = record.stats
         key = (
             record.ram_pages, record.min_pages, record.shares, record.ballooned.num_pages,
-            record.target_keep_pages, stats, record.previous_stats,
+            record.freed.num_pages, record.target_keep_pages, stats, record.previous_stats,
             record.manual_keep_pages, record.connected, record.ram_map,
             record.authenticated, record.features,
         )
@@ -775,6 +775,10 @@ class HostService:
             manual_keep_pages=record.manual_keep_pages,
             connected=record.connected,
             reclaims=record.reclaims,
+            unfreed_pages=(
+                min(record.ballooned.num_pages, record.ram_pages) - record.freed.num_pages
+                if record.reclaims else 0
+            ),
         )
 
     # -- manual targets, kept across restarts -----------------------------------------------

@@ -49,6 +49,7 @@ def guest_states(draw, name, at_least_floor=False):
     floor = draw(st.integers(0, ram))
     keep = draw(st.integers(floor if at_least_floor else 0, ram))
     stats = draw(st.booleans())
+    reclaims = draw(st.booleans() | st.just(True))
     return GuestState(
         name=name,
         ram_pages=ram,
@@ -63,7 +64,9 @@ def guest_states(draw, name, at_least_floor=False):
         cannot_inflate=draw(st.booleans()),
         manual_keep_pages=draw(st.none() | st.none() | st.integers(0, 2500)),
         connected=draw(st.booleans() | st.just(True)),
-        reclaims=draw(st.booleans() | st.just(True)),
+        reclaims=reclaims,
+        # Ballooned pages a punch did not free (or that refilled): few, when any.
+        unfreed_pages=draw(st.just(0) | st.integers(0, min(50, ram - keep))) if reclaims else 0,
     )
 
 
@@ -96,7 +99,7 @@ def manual_goal(g):
 
 def usage(guests):
     """What the guests hold of the host's capacity."""
-    return sum(g.keep_pages if g.reclaims else g.ram_pages for g in guests)
+    return sum(g.keep_pages + g.unfreed_pages if g.reclaims else g.ram_pages for g in guests)
 
 
 def immovable(guests):
@@ -105,7 +108,9 @@ def immovable(guests):
     for g in guests:
         if not g.reclaims:
             total += g.ram_pages
-        elif g.connected and g.manual_keep_pages is not None:
+            continue
+        total += g.unfreed_pages  # nobody can be given what the host did not get back
+        if g.connected and g.manual_keep_pages is not None:
             total += min(g.keep_pages, manual_goal(g))
         elif automatic(g):
             total += g.min_pages
@@ -118,7 +123,9 @@ def comply(guests, targets):
     """Every connected guest reaches its target; statistics stay as they were."""
     return [
         dataclasses.replace(
-            g, keep_pages=targets[g.name].keep_pages, target_keep_pages=targets[g.name].keep_pages
+            g, keep_pages=targets[g.name].keep_pages, target_keep_pages=targets[g.name].keep_pages,
+            # a deflate may give back pages the host never freed
+            unfreed_pages=min(g.unfreed_pages, g.ram_pages - targets[g.name].keep_pages),
         )
         if g.connected
         else g
@@ -242,7 +249,7 @@ def test_growth_is_paid_from_free_capacity_only(world):
         if not g.reclaims:
             return g.ram_pages
         granted = g.target_keep_pages if g.connected and g.target_keep_pages is not None else 0
-        return max(keep, granted)
+        return max(keep, granted) + g.unfreed_pages
 
     now = sum(held(g, g.keep_pages) for g in guests)
     promised = sum(held(g, max(g.keep_pages, targets[g.name].keep_pages)) for g in guests)
@@ -355,6 +362,27 @@ def test_pressured_guest_is_served_first_and_idle_memory_is_taxed():
     assert targets["small"].keep_pages == small.keep_pages - params.step_pages
     nxt = compute_targets(comply([hot, small, large], targets), 7 * GiB, params)
     assert nxt["hot"].keep_pages == GiB + params.step_pages
+
+
+def test_pages_the_host_did_not_free_are_not_handed_out():
+    # The idle guest's balloon holds 256 MiB the host could not free (a punch left data):
+    # the host holds exactly what the guests cost, so the pressured guest gets nothing
+    # until the idle one gives memory the host really gets back.
+    busy = guest("busy", keep_pages=2 * GiB, used_pages=2 * GiB - 10 * MiB,
+                 available_pages=10 * MiB, psi_some_avg10=50.0, target_keep_pages=2 * GiB)
+    idle = guest("idle", keep_pages=2 * GiB, used_pages=GiB // 2, available_pages=GiB,
+                 target_keep_pages=2 * GiB, unfreed_pages=256 * MiB)
+    capacity = 4 * GiB + 256 * MiB
+    targets = compute_targets([busy, idle], capacity)
+    assert targets["busy"].keep_pages == 2 * GiB
+    assert "waiting for capacity" in targets["busy"].reason
+    assert targets["idle"].keep_pages < 2 * GiB  # the idle guest is asked to give
+    # Once it has given 100 MiB that the host freed, that (and only that) is handed out.
+    idle = dataclasses.replace(idle, keep_pages=targets["idle"].keep_pages,
+                               target_keep_pages=targets["idle"].keep_pages)
+    freed_now = 2 * GiB - idle.keep_pages
+    targets = compute_targets([busy, idle], capacity)
+    assert 0 < targets["busy"].keep_pages - 2 * GiB <= freed_now
 
 
 def test_growth_granted_is_not_taken_back_while_the_guest_is_slow():
@@ -473,6 +501,8 @@ def test_small_deficit_still_closes():
         (dict(manual_keep_pages=-1), "manual_keep_pages"),
         (dict(target_keep_pages=5 * GiB), "target_keep_pages"),
         (dict(psi_some_avg10=float("nan")), "psi_some_avg10"),
+        (dict(keep_pages=3 * GiB, unfreed_pages=GiB + 1), "unfreed_pages"),
+        (dict(unfreed_pages=-1), "unfreed_pages"),
     ],
 )
 def test_impossible_guest_is_refused_by_name_and_field(change, field):

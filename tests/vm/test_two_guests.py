@@ -102,10 +102,13 @@ def test_policy_moves_memory_to_the_busy_guest(vms: dict[str, GuestVM], host: Ho
         with guest_program(busy_vm, GROW_PY, str(STEP), str(WORKING_SET), str(SPARE)) as work:
             wait_output(work, r"done \d+", timeout_s=420)
             lap("the busy guest's working set reached " + fmt(WORKING_SET))
+            # Both at their targets exactly (by the ledger): a deflate releases whole
+            # chunks, so on its way a guest may briefly keep up to one chunk more than
+            # its target before it pins the remainder again (docs/agent.md).
             moved = host.wait_status(
                 lambda s: targets(s)["busy"] >= before["busy"] + MOVED
                 and targets(s)["idle"] <= before["idle"] - MOVED
-                and all(abs(g["actual_bytes"] - g["target_bytes"]) < 4 * MIB
+                and all(g["ram_bytes"] - g["ballooned_bytes"] == g["target_bytes"]
                         for g in s["guests"]),
                 timeout_s=180,
                 what="memory moved from the idle guest to the busy one (targets and actuals)",
@@ -116,7 +119,11 @@ def test_policy_moves_memory_to_the_busy_guest(vms: dict[str, GuestVM], host: Ho
             assert after["busy"] > after["idle"]
             # The busy guest grew only from memory the host got back from the idle one.
             assert moved["pool"]["capacity_bytes"] == CAPACITY
-            assert moved["pool"]["free_bytes"] >= 0
+            assert moved["pool"]["free_bytes"] >= 0, [
+                {k: g[k] for k in ("name", "target_bytes", "actual_bytes", "ballooned_bytes",
+                                   "freed_bytes", "reason")}
+                for g in moved["guests"]
+            ]
 
         for name, vm in vms.items():
             info = guest_meminfo(vm)
