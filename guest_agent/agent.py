@@ -30,7 +30,10 @@ Invariants:
   a session whose RESYNC was acknowledged, or -- with no session -- when its slot
   is ``safe``.  (A new session's connection knows nothing yet, so ``may_reuse``
   alone would say yes to pages a dead session may still be punching.)
-* Only BALLOONED chunks are deflated; deflation is newest first (LIFO).  When more
+* Only BALLOONED chunks are deflated; deflation is newest first (LIFO), except that
+  a chunk holding more than the target gives back is deflated only after the part the
+  guest keeps of it has been pinned anew and reported (so the balloon never drops
+  below the target, unless the guard cannot spare those pins).  When more
   chunks are to be deflated than the window takes at once, one DEFLATE names them
   all (one round trip, and one worker call releases them all).
 * Pages count as ballooned only once acknowledged; ``actual`` (ACTUAL) follows
@@ -261,6 +264,10 @@ class AgentCore:
         self._pinning: int = 0  # bytes of the pin the worker is making, 0 if none
         self._verify_requested = False
         self._verify_urgent = False
+        self._swap: Slot | None = None
+        """A chunk to deflate once new pins make up the part of it the target keeps
+        (see ``_pump``); None if none."""
+        self._swap_refused = False  # the guard could not spare the pins: deflate whole
         self._op: _Operation | None = None
         self._synced = False  # this session's RESYNC was acknowledged
         self._resync_needed = False
@@ -627,6 +634,7 @@ class AgentCore:
             )
             self.target_pages = pages
             self._announced_target = None
+            self._swap_refused = False
             self._op = _Operation(now, held, pages) if pages != held else None
 
     def _answer(self, event: Ack | Nak, now: float) -> None:
@@ -746,6 +754,7 @@ class AgentCore:
             return
         self.conn = None
         self.session_error = why
+        self._swap = None
         self._txids.clear()
         self._outgoing.clear()
         self._resync_in_flight = False
@@ -774,15 +783,38 @@ class AgentCore:
                 self._send_resync(now)
             return
         want = self._want_pages()
-        # Deflate newest first while more than wanted is committed.
         committed = self._committed_pages()
+        # A chunk is deflated whole.  When the newest one holds more than the target
+        # gives back, deflating it would leave the guest more than its target -- more
+        # than the host granted -- until the rest was pinned again.  So the rest is
+        # pinned first (``_next_pin_size`` counts the chunk as gone), reported, and
+        # then the chunk is deflated: the balloon never dips below the target.
+        swap = self._swap
+        if swap is not None and (
+            swap not in self.slots or swap.state is not ChunkState.BALLOONED or committed <= want
+        ):
+            self._swap = swap = None  # the target went back up, or pressure took it
+        waiting = False
+        if swap is not None:
+            if committed - want < swap.pages or self._pinning or any(
+                s.state is ChunkState.PINNED for s in self.slots
+            ):
+                waiting = True  # its replacement is not all pinned and reported yet
+            else:
+                self._swap = None
+                self._deflate(swap)
+                committed -= swap.pages
+        # Deflate newest first while more than wanted is committed.
         for slot in sorted(self.slots, key=lambda s: s.chunk.seq, reverse=True):
-            if committed <= want:
+            if committed <= want or waiting:
                 break
             if slot.state is ChunkState.PINNED:
                 self._release(slot)
                 committed -= slot.pages
             elif slot.state is ChunkState.BALLOONED:
+                if slot.pages > committed - want and not (self._swap_refused or self.stopping):
+                    self._swap = slot
+                    break
                 self._deflate(slot)
                 committed -= slot.pages
         # Report pinned chunks, oldest first.
@@ -819,7 +851,10 @@ class AgentCore:
             return 0
         if any(s.state is ChunkState.DEFLATING and s.for_pressure for s in self.slots):
             return 0
-        need = (self.target_pages - self._committed_pages()) * PAGE_SIZE
+        committed = self._committed_pages()
+        if self._swap is not None:
+            committed -= self._swap.pages  # to be deflated once the rest is pinned
+        need = (self.target_pages - committed) * PAGE_SIZE
         if need <= 0:
             self.guard.at_target()
             return 0
@@ -827,6 +862,11 @@ class AgentCore:
         if size >= HUGE_PAGE:
             size -= size % HUGE_PAGE  # whole huge pages; the remainder gets its own chunk
         if not self.guard.may_pin(size, now):
+            if self._swap is not None:
+                # The guest cannot spare the pins now: deflate the chunk whole after all
+                # (the guest keeps up to a chunk more than its target until it can).
+                self._swap, self._swap_refused = None, True
+                self._pump(now)
             return 0
         return size
 

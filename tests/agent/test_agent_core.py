@@ -361,6 +361,54 @@ def test_a_target_between_chunks_is_met_by_deflating_then_inflating_the_rest(
     assert rig.ledger.num_pages == pages(7) and rig.ledger == real_frames(rig.pool)
 
 
+def test_a_deflate_between_chunks_pins_the_rest_first(rig: Rig) -> None:
+    rig.connect()  # 10 MiB: chunks of 4, 4 and 2
+    seen: list[int] = []
+    answer = rig.answer
+
+    def watched(event):
+        out = answer(event)
+        seen.append(rig.ledger.num_pages)
+        return out
+
+    rig.answer = watched  # type: ignore[method-assign]
+    start = len(rig.requests)
+    rig.host_sends(Config(pages(7)))
+    # Deflating the second 4 MiB chunk whole would leave the guest 4 MiB where the
+    # host gave it 3: the 3 MiB it keeps of it are pinned and reported first.
+    assert rig.kinds()[start:] == ["Deflate", "Inflate", "Inflate", "Deflate"]
+    assert min(seen) >= pages(7)  # the host never saw the guest keep more than its target
+    assert sorted(s.chunk.size_bytes for s in rig.core.slots) == [1 * MiB, 2 * MiB, 4 * MiB]
+    assert rig.ledger.num_pages == pages(7) and rig.ledger == real_frames(rig.pool)
+
+
+def test_a_guest_that_cannot_spare_the_rest_deflates_the_chunk_whole(
+    local_pool: PagePool,
+) -> None:
+    rig = Rig(local_pool, target_mib=10, min_free=16 * MiB, deflate_on_oom=False)
+    rig.connect()
+    # Under the floor: nothing more may be pinned until memory comes back.
+    rig.snapshot = replace(PLENTY, available_bytes=15 * MiB)
+    rig.core.observe(rig.snapshot, rig.now)
+    seen: list[int] = []
+    answer = rig.answer
+
+    def watched(event):
+        out = answer(event)
+        seen.append(rig.ledger.num_pages)
+        return out
+
+    rig.answer = watched  # type: ignore[method-assign]
+    rig.host_sends(Config(pages(7)))
+    # So the second 4 MiB chunk goes whole, and the rest waits for memory.
+    assert rig.ledger.num_pages == min(seen) == pages(4)
+    rig.snapshot = PLENTY
+    rig.now += 31  # past the hold-off of the pressure episode
+    rig.core.observe(rig.snapshot, rig.now)
+    rig.settle()
+    assert rig.ledger.num_pages == pages(7) and rig.ledger == real_frames(rig.pool)
+
+
 def test_lowering_the_target_while_a_pin_is_in_progress(local_pool: PagePool) -> None:
     rig = Rig(local_pool, target_mib=4)
     rig.connect()

@@ -102,9 +102,8 @@ def test_policy_moves_memory_to_the_busy_guest(vms: dict[str, GuestVM], host: Ho
         with guest_program(busy_vm, GROW_PY, str(STEP), str(WORKING_SET), str(SPARE)) as work:
             wait_output(work, r"done \d+", timeout_s=420)
             lap("the busy guest's working set reached " + fmt(WORKING_SET))
-            # Both at their targets exactly (by the ledger): a deflate releases whole
-            # chunks, so on its way a guest may briefly keep up to one chunk more than
-            # its target before it pins the remainder again (docs/agent.md).
+            # Both at their targets exactly, by the host's ledger (the policy moves
+            # targets a step at a time; a guest gets there exactly, docs/agent.md).
             moved = host.wait_status(
                 lambda s: targets(s)["busy"] >= before["busy"] + MOVED
                 and targets(s)["idle"] <= before["idle"] - MOVED
