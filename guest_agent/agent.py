@@ -782,41 +782,7 @@ class AgentCore:
             if not conn.pending:
                 self._send_resync(now)
             return
-        want = self._want_pages()
-        committed = self._committed_pages()
-        # A chunk is deflated whole.  When the newest one holds more than the target
-        # gives back, deflating it would leave the guest more than its target -- more
-        # than the host granted -- until the rest was pinned again.  So the rest is
-        # pinned first (``_next_pin_size`` counts the chunk as gone), reported, and
-        # then the chunk is deflated: the balloon never dips below the target.
-        swap = self._swap
-        if swap is not None and (
-            swap not in self.slots or swap.state is not ChunkState.BALLOONED or committed <= want
-        ):
-            self._swap = swap = None  # the target went back up, or pressure took it
-        waiting = False
-        if swap is not None:
-            if committed - want < swap.pages or self._pinning or any(
-                s.state is ChunkState.PINNED for s in self.slots
-            ):
-                waiting = True  # its replacement is not all pinned and reported yet
-            else:
-                self._swap = None
-                self._deflate(swap)
-                committed -= swap.pages
-        # Deflate newest first while more than wanted is committed.
-        for slot in sorted(self.slots, key=lambda s: s.chunk.seq, reverse=True):
-            if committed <= want or waiting:
-                break
-            if slot.state is ChunkState.PINNED:
-                self._release(slot)
-                committed -= slot.pages
-            elif slot.state is ChunkState.BALLOONED:
-                if slot.pages > committed - want and not (self._swap_refused or self.stopping):
-                    self._swap = slot
-                    break
-                self._deflate(slot)
-                committed -= slot.pages
+        self._deflate_to_target()
         # Report pinned chunks, oldest first.
         for slot in sorted(self.slots, key=lambda s: s.chunk.seq):
             if slot.state is ChunkState.PINNED:
@@ -827,6 +793,43 @@ class AgentCore:
             log.info("balloon released; saying goodbye to the host")
             self._send(Bye(ByeReason.SHUTDOWN, "the guest agent is stopping"))
             self._end_session("stopped", now)
+
+    def _deflate_to_target(self) -> None:
+        """Deflate (or release, if never reported) newest first while more than the
+        target is committed.
+
+        A chunk is deflated whole.  When the next one holds more than the target gives
+        back, deflating it would leave the guest more than its target -- more than the
+        host granted -- until the rest was pinned again.  So the rest is pinned first
+        (``_next_pin_size`` counts that chunk, ``_swap``, as gone), reported, and then
+        the chunk is deflated: the balloon never dips below the target."""
+        want, committed = self._want_pages(), self._committed_pages()
+        swap = self._swap
+        if swap is not None:
+            gone = swap not in self.slots or swap.state is not ChunkState.BALLOONED
+            if gone or committed <= want:
+                self._swap = None  # pressure took it, or the target went back up
+            elif committed - want < swap.pages or self._pinning or any(
+                s.state is ChunkState.PINNED for s in self.slots
+            ):
+                return  # its replacement is not all pinned and reported yet
+            else:
+                self._swap = None
+                self._deflate(swap)
+                committed -= swap.pages
+        for slot in sorted(self.slots, key=lambda s: s.chunk.seq, reverse=True):
+            if committed <= want:
+                return
+            if slot.state is ChunkState.PINNED:
+                self._release(slot)
+            elif slot.state is ChunkState.BALLOONED:
+                if slot.pages > committed - want and not self._swap_refused:
+                    self._swap = slot
+                    return
+                self._deflate(slot)
+            else:
+                continue
+            committed -= slot.pages
 
     def _want_pages(self) -> int:
         if self.stopping or self.target_pages is None:

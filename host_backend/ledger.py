@@ -31,6 +31,7 @@ from host_backend.config import GuestConfig
 from host_backend.ramfile import RamMap
 from protocol.constants import BalloonState, Feature, StatTag
 from protocol.errors import NakReason, PolicyError
+from protocol.events import Config
 from protocol.ranges import RangeSet
 from protocol.units import PAGE_SIZE, format_size
 
@@ -114,10 +115,21 @@ class GuestRecord:
         """What the guest may use on the host: RAM − freed (0 when not present)."""
         return self.ram_pages - self.freed.num_pages if self.present else 0
 
+    @property
+    def unfreed_pages(self) -> int:
+        """Pages of a reclaiming guest's balloon the host did not verifiably free (a
+        punch left data, or a page refilled): capacity nobody can be given.  0 for an
+        accounting-only guest, which costs its whole RAM anyway."""
+        return self.ballooned.num_pages - self.freed.num_pages if self.reclaims else 0
+
     def num_pages_for(self, keep_pages: int) -> int:
         """The virtio target (balloon size) that leaves the guest ``keep_pages``."""
         limit = self.total_pages or self.ram_pages
         return max(0, min(limit, self.ram_pages - keep_pages))
+
+    def config_for(self, keep_pages: int) -> Config:
+        """The virtio config that asks the guest to keep ``keep_pages``."""
+        return Config(self.num_pages_for(keep_pages), min(self.actual, 0xFFFF_FFFF))
 
     @property
     def floor_reached(self) -> bool:

@@ -127,7 +127,8 @@ class GuestState:
             if value is not None and value > self.ram_pages:
                 raise fail(name, f"is above ram_pages = {self.ram_pages}")
         if self.unfreed_pages > self.ram_pages - self.keep_pages:
-            raise fail("unfreed_pages", f"is more than its balloon ({self.ram_pages - self.keep_pages})")
+            balloon = self.ram_pages - self.keep_pages
+            raise fail("unfreed_pages", f"is more than its balloon ({balloon})")
         psi = self.psi_some_avg10
         if psi is not None and not 0.0 <= psi <= 100.0:
             raise fail("psi_some_avg10", "is not a percentage")

@@ -62,7 +62,6 @@ from protocol.events import (
     Actual,
     Auth,
     Bye,
-    Config,
     ConnectionClosed,
     Deflate,
     Error,
@@ -135,10 +134,11 @@ class Session:
 
     # -- I/O -----------------------------------------------------------------------------
 
-    async def send(self, event: Any, *, own_deadline: bool = False) -> None:
-        """Raises trio.TooSlowError if the guest has not taken the bytes within
-        SEND_TIMEOUT_S (it stopped reading).  ``own_deadline``: for a task that is
-        not one of the session's own (a last word)."""
+    async def send(self, event: Any = None, *, own_deadline: bool = False) -> None:
+        """Send ``event`` after whatever ``send_nowait`` left unwritten (with no event:
+        just that).  Raises trio.TooSlowError if the guest has not taken the bytes
+        within SEND_TIMEOUT_S (it stopped reading).  ``own_deadline``: for a task that
+        is not one of the session's own (a last word)."""
         # A push sends once per guest: with 10,000 guests every scheduler trip and
         # object made here counts (and the objects cost again in the garbage
         # collector).  An uncontended lock is taken without a checkpoint (send_all
@@ -150,9 +150,11 @@ class Session:
         else:
             lock.acquire_nowait()
         try:
-            data = self.conn.send(event)
+            data = self.conn.send(event) if event is not None else b""
             if self._backlog:
                 data, self._backlog = self._backlog + data, b""
+            if not data:
+                return
             if self._fd is not None:
                 # Most sends fit the socket's buffer: written at once, with no trip
                 # through the scheduler.  What does not is sent below, with the deadline.
@@ -251,10 +253,7 @@ class Session:
             not self.config_dirty and record is not None and self.conn.state is State.ACTIVE
             and record.target_keep_pages is not None
         ):
-            keep = record.target_keep_pages
-            if self.send_nowait(
-                Config(record.num_pages_for(keep), min(record.actual, 0xFFFF_FFFF))
-            ):
+            if self.send_nowait(record.config_for(record.target_keep_pages)):
                 return
         self.config_dirty = True
         self.wake.set()
@@ -398,7 +397,7 @@ class Session:
             version=1,
             features=int(features),
             max_body=DEFAULT_MAX_BODY,
-            config=Config(record.num_pages_for(keep), min(record.actual, 0xFFFF_FFFF)),
+            config=record.config_for(keep),
             stats_interval_ms=int(config.stats_interval_s * 1000)
             if features & Feature.STATS_PUSH
             else 0,
@@ -428,7 +427,6 @@ class Session:
             ) from exc
 
     async def _serve(self) -> None:
-        idle = 3 * self.service.config.heartbeat_s
         # Its deadline is set only while a send is under way (see send), so when it
         # expires a guest stopped taking what we send: the session ends as too slow.
         self._send_deadline = deadline = trio.CancelScope()
@@ -448,7 +446,8 @@ class Session:
                                 return
                     if self.idle_scope.cancelled_caught:
                         raise RemoteProtocolError(
-                            f"nothing heard for {idle:g}s", ErrorCode.TIMEOUT
+                            f"nothing heard for {self.service.idle_timeout_s:g}s",
+                            ErrorCode.TIMEOUT
                         )
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
@@ -467,21 +466,12 @@ class Session:
             await self.wake.wait()
             self.wake = trio.Event()
             if self._backlog:  # what send_nowait could not write
-                async with self.send_lock:
-                    data, self._backlog = self._backlog, b""
-                    assert self._send_deadline is not None
-                    self._send_deadline.deadline = trio.current_time() + SEND_TIMEOUT_S
-                    try:
-                        await self.stream.send_all(data)
-                    finally:
-                        self._send_deadline.deadline = math.inf
+                await self.send()
             if self.config_dirty:
                 self.config_dirty = False
                 keep = record.target_keep_pages
                 if keep is not None:
-                    await self.send(
-                        Config(record.num_pages_for(keep), min(record.actual, 0xFFFF_FFFF))
-                    )
+                    await self.send(record.config_for(keep))
             if self.ping_due:
                 self.ping_due = False
                 unanswered = self.conn.next_ping().txid - 1 - self._pongs
@@ -498,7 +488,7 @@ class Session:
         record = self.record
         if record is None:
             return
-        if now - self.heard > 3 * self.service.config.heartbeat_s:
+        if now - self.heard > self.service.idle_timeout_s:
             self.idle_scope.cancel()  # _serve ends the session: nothing heard
         interval = record.stats_interval_s
         if interval and now >= self.next_poll:
@@ -645,6 +635,11 @@ class HostService:
             await old.done.wait()
             session.predecessor = None
 
+    @property
+    def idle_timeout_s(self) -> float:
+        """A guest heard from for no longer than this (3 heartbeats) is dropped."""
+        return 3 * self.config.heartbeat_s
+
     def changed(self, *, policy: bool = False) -> None:
         self._changes += 1
         # Wakes whoever waits in wait_change; a fresh Event is made there, when one
@@ -775,10 +770,7 @@ class HostService:
             manual_keep_pages=record.manual_keep_pages,
             connected=record.connected,
             reclaims=record.reclaims,
-            unfreed_pages=(
-                min(record.ballooned.num_pages, record.ram_pages) - record.freed.num_pages
-                if record.reclaims else 0
-            ),
+            unfreed_pages=record.unfreed_pages,
         )
 
     # -- manual targets, kept across restarts -----------------------------------------------
